@@ -1,0 +1,212 @@
+"""Per-device memory plan of a DPO run, from `jax.eval_shape` only (nothing is allocated).
+
+    python -m bdpo_jax.memory_plan --model sd15 --mesh 1,8 --batch 128 --accum 4 --latent 64
+    python -m bdpo_jax.memory_plan --model sdxl --mesh 1,8 --batch 64 --accum 8 --latent 128 \
+        --optimizer adafactor --json plan.json
+
+Rows: params, ref_params, optimizer state (each sharded by bdpo_jax.sharding's rules on the given
+(data, fsdp) mesh shape: no devices needed), gradients (same sharding as params) and an
+activation estimate: the residuals the policy's forward saves for the backward pass, traced with
+the per-device micro-batch of 2 x (batch / devices / accum) images (jax's saved_residuals),
+plus one reference forward's largest intermediate. XLA's real peak also holds temporaries; treat
+the estimate as a floor and leave ~20% headroom.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from bdpo_jax import optim, sharding
+
+_TEXT_SHAPES = {"sd15": (77, 768), "sd21": (77, 1024), "sdxl": (77, 2048)}
+
+
+class _MeshShape(NamedTuple):
+    shape: dict[str, int]
+
+
+def _leaf_bytes_per_device(abstract: Any, mesh_shape: _MeshShape, rules, min_size: int) -> int:
+    total = 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+        spec = sharding.spec_for(
+            sharding.path_to_str(path), tuple(leaf.shape), rules, mesh_shape, min_size
+        )
+        n = int(np.prod(leaf.shape, dtype=np.int64))
+        for name in spec:
+            if name is not None:
+                n //= mesh_shape.shape[name]
+        total += n * jnp.dtype(leaf.dtype).itemsize
+    return total
+
+
+def _residual_bytes(model, abstract_params, x, t, text, added) -> int:
+    """Bytes the vjp of one forward saves (intermediates only, not the params themselves)."""
+
+    def f(p):
+        return model.apply({"params": p}, x, t, text, added_cond_kwargs=added)
+
+    try:
+        from jax._src.ad_checkpoint import saved_residuals
+
+        res = saved_residuals(f, abstract_params)
+        return int(
+            sum(
+                np.prod(a.shape) * a.dtype.itemsize
+                for a, src in res
+                if not src.startswith("from the argument")
+            )
+        )
+    except ImportError:  # public fallback: residual leaves of the vjp closure minus the params
+        vjp_fn = jax.eval_shape(lambda p: jax.vjp(f, p)[1], abstract_params)
+        leaves = jax.tree.leaves(vjp_fn)
+        p_bytes = sum(np.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(abstract_params))
+        return int(max(sum(np.prod(a.shape) * a.dtype.itemsize for a in leaves) - p_bytes, 0))
+
+
+def memory_plan(
+    model_name: str,
+    *,
+    mesh_shape: tuple[int, int],
+    global_batch: int,
+    grad_accum: int,
+    latent_size: int,
+    optimizer: str = "adamw",
+    compute_dtype: str = "bfloat16",
+    remat: bool = True,
+    rules=(),
+    fsdp_min_size: int = 2**18,
+) -> dict[str, Any]:
+    """The plan as a dict of bytes per device (and the inputs that produced it)."""
+    from bdpo_jax.models import UNet2DConditionModel, init_unet_params, presets
+
+    unet_cfg = presets.real_unet_config(model_name)
+    dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[compute_dtype]
+    model = UNet2DConditionModel.from_config(
+        unet_cfg, param_dtype=jnp.float32, dtype=dtype, remat=remat
+    )
+    abstract_params = jax.eval_shape(lambda: init_unet_params(model, jax.random.PRNGKey(0)))
+    ocfg = ml_collections.ConfigDict(
+        dict(
+            optimizer=optimizer,
+            learning_rate=1e-8,
+            scale_lr=False,
+            warmup_steps=0,
+            schedule="constant",
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            weight_decay=1e-2,
+            grad_clip_norm=1.0,
+            adafactor_decay_rate=0.8,
+            adafactor_clip_threshold=1.0,
+        )
+    )
+    tx, _ = optim.make_optimizer(ocfg, 1, 1)
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    ms = _MeshShape({"data": int(mesh_shape[0]), "fsdp": int(mesh_shape[1])})
+    n_dev = ms.shape["data"] * ms.shape["fsdp"]
+    if global_batch % (n_dev * grad_accum):
+        raise ValueError(
+            f"batch {global_batch} not divisible by {n_dev} devices x accum {grad_accum}"
+        )
+    pairs = global_batch // (n_dev * grad_accum)
+    p_bytes = _leaf_bytes_per_device(abstract_params, ms, rules, fsdp_min_size)
+    o_bytes = _leaf_bytes_per_device(abstract_opt, ms, rules, fsdp_min_size)
+
+    c = int(unet_cfg["in_channels"])
+    x = jax.ShapeDtypeStruct((2 * pairs, c, latent_size, latent_size), jnp.float32)
+    t = jax.ShapeDtypeStruct((2 * pairs,), jnp.int32)
+    text = jax.ShapeDtypeStruct((2 * pairs, *_TEXT_SHAPES[model_name]), jnp.float32)
+    added = None
+    if unet_cfg.get("addition_embed_type") == "text_time":
+        added = {
+            "text_embeds": jax.ShapeDtypeStruct(
+                (2 * pairs, presets.sdxl_pooled_dim(unet_cfg)), jnp.float32
+            ),
+            "time_ids": jax.ShapeDtypeStruct((2 * pairs, 6), jnp.float32),
+        }
+    act = _residual_bytes(model, abstract_params, x, t, text, added)
+    n_params = int(sum(np.prod(a.shape) for a in jax.tree.leaves(abstract_params)))
+    rows = {
+        "params": p_bytes,
+        "ref_params": p_bytes,
+        "opt_state": o_bytes,
+        "grads": p_bytes * (2 if grad_accum > 1 else 1),  # + the accumulator
+        "activations": act,
+    }
+    rows["total"] = sum(rows.values())
+    return {
+        "model": model_name,
+        "num_params": n_params,
+        "mesh": list(mesh_shape),
+        "global_batch": global_batch,
+        "grad_accum": grad_accum,
+        "pairs_per_device_micro": pairs,
+        "latent_size": latent_size,
+        "optimizer": optimizer,
+        "compute_dtype": compute_dtype,
+        "remat": remat,
+        "bytes_per_device": rows,
+    }
+
+
+def format_table(plans: list[dict[str, Any]]) -> str:
+    rows = list(plans[0]["bytes_per_device"])
+    head = ["item"] + [
+        f"{p['model']} {p['mesh']} b{p['global_batch']}/acc{p['grad_accum']}" for p in plans
+    ]
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    for r in rows:
+        lines.append(
+            " | ".join([r] + [f"{p['bytes_per_device'][r] / 2**30:.2f} GiB" for p in plans])
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", nargs="+", default=["sd15", "sdxl"])
+    parser.add_argument("--mesh", default="1,8", help="data,fsdp mesh shape")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--accum", type=int, default=1)
+    parser.add_argument(
+        "--latent", type=int, default=0, help="latent side (0: 64 SD1.5/2.1, 128 SDXL)"
+    )
+    parser.add_argument("--optimizer", default="")
+    parser.add_argument("--no-remat", action="store_true")
+    parser.add_argument("--json", default="")
+    args = parser.parse_args(argv)
+    mesh = tuple(int(x) for x in args.mesh.split(","))
+    plans = []
+    for name in args.model:
+        latent = args.latent or {"sd15": 64, "sd21": 96, "sdxl": 128}[name]
+        opt = args.optimizer or ("adafactor" if name == "sdxl" else "adamw")
+        plans.append(
+            memory_plan(
+                name,
+                mesh_shape=mesh,
+                global_batch=args.batch,
+                grad_accum=args.accum,
+                latent_size=latent,
+                optimizer=opt,
+                remat=not args.no_remat,
+            )
+        )
+    print(format_table(plans))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(plans, f, indent=2)
+    else:
+        json.dump(plans, sys.stdout, indent=1)
+
+
+if __name__ == "__main__":
+    main()

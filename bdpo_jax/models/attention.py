@@ -1,0 +1,143 @@
+"""Spatial transformer: Transformer2DModel, BasicTransformerBlock, Attention, GEGLU feed-forward.
+
+Mirrors diffusers/models/transformers/transformer_2d.py (continuous input), attention.py
+(BasicTransformerBlock, FeedForward), attention_processor.py (Attention + AttnProcessor2_0) and
+activations.py (GEGLU with exact GELU). Attention runs through ``jax.nn.dot_product_attention``;
+its XLA path already computes logits and softmax in fp32, which is what diffusers'
+``upcast_attention`` asks for, and cuDNN flash attention accumulates in fp32 too.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bdpo_jax.models.norms import GroupNorm, LayerNorm
+from bdpo_jax.models.resnet import conv
+
+ATTENTION_CHOICES = ("auto", "xla", "cudnn")
+
+
+def attention_implementation(choice: str, dtype: jnp.dtype, head_dim: int) -> str | None:
+    """The ``implementation`` argument of jax.nn.dot_product_attention for a setting.
+
+    "auto" picks "cudnn" on GPU for fp16/bf16 with head_dim a multiple of 8 and at most 128
+    (256 on Hopper or later), else the XLA path; "xla"/"cudnn" force one.
+    """
+    if choice not in ATTENTION_CHOICES:
+        raise ValueError(f"attention={choice!r} is not one of {ATTENTION_CHOICES}")
+    if choice != "auto":
+        return choice
+    if jax.default_backend() != "gpu" or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        return "xla"
+    capability = getattr(jax.devices()[0], "compute_capability", "0.0")
+    max_dim = 256 if float(capability) >= 9.0 else 128
+    return "cudnn" if head_dim % 8 == 0 and head_dim <= max_dim else "xla"
+
+
+class Attention(nn.Module):
+    """Multi-head attention: to_q/to_k/to_v without bias, to_out_0 with bias."""
+
+    heads: int
+    dim_head: int
+    attention: str = "auto"
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxTxD: jax.Array, context_BxSxE: jax.Array | None = None) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        inner = self.heads * self.dim_head
+        ctx = x_BxTxD if context_BxSxE is None else context_BxSxE
+        b, t, d = x_BxTxD.shape
+        s = ctx.shape[1]
+        q = nn.Dense(inner, use_bias=False, name="to_q", **kw)(x_BxTxD)
+        k = nn.Dense(inner, use_bias=False, name="to_k", **kw)(ctx)
+        v = nn.Dense(inner, use_bias=False, name="to_v", **kw)(ctx)
+        q_BxTxNxH = q.reshape(b, t, self.heads, self.dim_head)
+        k_BxSxNxH = k.reshape(b, s, self.heads, self.dim_head)
+        v_BxSxNxH = v.reshape(b, s, self.heads, self.dim_head)
+        impl = attention_implementation(self.attention, self.dtype, self.dim_head)
+        o_BxTxNxH = jax.nn.dot_product_attention(
+            q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, implementation=impl
+        )
+        return nn.Dense(d, name="to_out_0", **kw)(o_BxTxNxH.reshape(b, t, inner))
+
+
+class GEGLU(nn.Module):
+    """proj to 2*inner, split into (hidden, gate), hidden * gelu(gate) with exact GELU."""
+
+    inner: int
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+        h = nn.Dense(2 * self.inner, name="proj", dtype=self.dtype, param_dtype=self.param_dtype)
+        hidden, gate = jnp.split(h(x_BxTxD), 2, axis=-1)
+        return hidden * nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nn.Module):
+    """net_0 = GEGLU(dim -> 4 dim), net_2 = Linear(4 dim -> dim)."""
+
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        d = x_BxTxD.shape[-1]
+        h = GEGLU(4 * d, name="net_0", **kw)(x_BxTxD)
+        return nn.Dense(d, name="net_2", **kw)(h)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm self-attention, cross-attention and feed-forward, each with a residual."""
+
+    heads: int
+    dim_head: int
+    attention: str = "auto"
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxTxD: jax.Array, context_BxSxE: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        att = dict(heads=self.heads, dim_head=self.dim_head, attention=self.attention, **kw)
+        x = x_BxTxD + Attention(name="attn1", **att)(LayerNorm(name="norm1", **kw)(x_BxTxD))
+        x = x + Attention(name="attn2", **att)(LayerNorm(name="norm2", **kw)(x), context_BxSxE)
+        return x + FeedForward(name="ff", **kw)(LayerNorm(name="norm3", **kw)(x))
+
+
+class Transformer2DModel(nn.Module):
+    """GroupNorm (eps 1e-6), proj_in (1x1 conv or linear), blocks, proj_out, residual."""
+
+    heads: int
+    num_layers: int
+    groups: int
+    use_linear_projection: bool
+    attention: str = "auto"
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxHxWxC: jax.Array, context_BxSxE: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        b, h, w, c = x_BxHxWxC.shape
+        y = GroupNorm(self.groups, 1e-6, name="norm", **kw)(x_BxHxWxC)
+        if self.use_linear_projection:
+            y = nn.Dense(c, name="proj_in", **kw)(y.reshape(b, h * w, c))
+        else:
+            y = conv(c, 1, "proj_in", **kw)(y).reshape(b, h * w, c)
+        for i in range(self.num_layers):
+            block = BasicTransformerBlock(
+                self.heads, c // self.heads, self.attention, name=f"transformer_blocks_{i}", **kw
+            )
+            y = block(y, context_BxSxE)
+        if self.use_linear_projection:
+            y = nn.Dense(c, name="proj_out", **kw)(y).reshape(b, h, w, c)
+        else:
+            y = conv(c, 1, "proj_out", **kw)(y.reshape(b, h, w, c))
+        return y + x_BxHxWxC.astype(self.dtype)

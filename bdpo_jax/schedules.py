@@ -1,0 +1,136 @@
+"""The DDPM training schedules Stable Diffusion uses, forward noising and training targets.
+
+Pure jnp. Mirrors diffusers' `schedulers/scheduling_ddpm.py` (DDPMScheduler.__init__,
+add_noise, get_velocity) value for value: the betas are built in float32 exactly as
+`torch.linspace(..., dtype=torch.float32)` builds them, and the cumulative product is taken in
+float64 and rounded to float32, as torch's CPU cumprod accumulates float32 in double. The
+result is bit-identical to diffusers' `alphas_cumprod` for SD's schedules (tests check it).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BETA_SCHEDULES = ("scaled_linear", "linear")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+class Schedule(NamedTuple):
+    """A DDPM noise schedule (a pytree of float32 [T] arrays)."""
+
+    betas_T: jax.Array
+    alphas_cumprod_T: jax.Array
+    sqrt_alphas_cumprod_T: jax.Array
+    sqrt_one_minus_alphas_cumprod_T: jax.Array
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.betas_T.shape[0])
+
+
+def _torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
+    """float32 linspace computed like torch's CPU kernel (first half from start, rest from end)."""
+    if steps == 1:
+        return np.array([start], np.float32)
+    start32, end32 = np.float32(start), np.float32(end)
+    step = np.float64((end32 - start32) / np.float32(steps - 1))
+    idx = np.arange(steps, dtype=np.float64)
+    values = np.where(
+        idx < steps // 2,
+        np.float64(start32) + step * idx,
+        np.float64(end32) - step * (steps - 1 - idx),
+    )
+    return values.astype(np.float32)
+
+
+def make_schedule(
+    num_train_timesteps: int = 1000,
+    beta_schedule: str = "scaled_linear",
+    beta_start: float = 0.00085,
+    beta_end: float = 0.012,
+) -> Schedule:
+    """The DDPM schedule of diffusers' DDPMScheduler with the same arguments.
+
+    'scaled_linear' (SD1.x, SD2.x, SDXL): betas = linspace(sqrt(beta_start), sqrt(beta_end))**2.
+    'linear': betas = linspace(beta_start, beta_end).
+    """
+    if num_train_timesteps < 1:
+        raise ValueError(
+            f"config.diffusion.num_train_timesteps={num_train_timesteps}: must be >= 1"
+        )
+    if beta_schedule == "scaled_linear":
+        betas = _torch_linspace_f32(beta_start**0.5, beta_end**0.5, num_train_timesteps) ** 2
+    elif beta_schedule == "linear":
+        betas = _torch_linspace_f32(beta_start, beta_end, num_train_timesteps)
+    else:
+        raise ValueError(
+            f"config.diffusion.beta_schedule={beta_schedule!r}: expected one of {BETA_SCHEDULES}"
+        )
+    betas = betas.astype(np.float32)
+    if not (np.all(betas > 0) and np.all(betas < 1)):
+        raise ValueError(
+            f"config.diffusion.beta_start={beta_start}, beta_end={beta_end}: betas must lie in "
+            "(0, 1)"
+        )
+    alphas = (np.float32(1.0) - betas).astype(np.float32)
+    alphas_cumprod = np.cumprod(alphas.astype(np.float64)).astype(np.float32)
+    return Schedule(
+        betas_T=jnp.asarray(betas),
+        alphas_cumprod_T=jnp.asarray(alphas_cumprod),
+        sqrt_alphas_cumprod_T=jnp.asarray(np.sqrt(alphas_cumprod)),
+        sqrt_one_minus_alphas_cumprod_T=jnp.asarray(
+            np.sqrt((np.float32(1.0) - alphas_cumprod).astype(np.float32))
+        ),
+    )
+
+
+def _per_sample(values_T: jax.Array, t_B: jax.Array, ndim: int) -> jax.Array:
+    """values[t] reshaped to [B, 1, ..., 1] to broadcast against a rank-`ndim` batch."""
+    v_B = jnp.take(values_T, jnp.asarray(t_B), axis=0)
+    return v_B.reshape(v_B.shape + (1,) * (ndim - v_B.ndim))
+
+
+def add_noise(
+    schedule: Schedule, x0_BxCxHxW: jax.Array, eps_BxCxHxW: jax.Array, t_B: jax.Array
+) -> jax.Array:
+    """x_t = sqrt(abar_t) * x0 + sqrt(1 - abar_t) * eps (diffusers DDPMScheduler.add_noise)."""
+    ndim = x0_BxCxHxW.ndim
+    a_B1 = _per_sample(schedule.sqrt_alphas_cumprod_T, t_B, ndim)
+    s_B1 = _per_sample(schedule.sqrt_one_minus_alphas_cumprod_T, t_B, ndim)
+    return a_B1 * x0_BxCxHxW + s_B1 * eps_BxCxHxW
+
+
+def velocity(
+    schedule: Schedule, x0_BxCxHxW: jax.Array, eps_BxCxHxW: jax.Array, t_B: jax.Array
+) -> jax.Array:
+    """v = sqrt(abar_t) * eps - sqrt(1 - abar_t) * x0 (diffusers DDPMScheduler.get_velocity)."""
+    ndim = x0_BxCxHxW.ndim
+    a_B1 = _per_sample(schedule.sqrt_alphas_cumprod_T, t_B, ndim)
+    s_B1 = _per_sample(schedule.sqrt_one_minus_alphas_cumprod_T, t_B, ndim)
+    return a_B1 * eps_BxCxHxW - s_B1 * x0_BxCxHxW
+
+
+def training_target(
+    schedule: Schedule,
+    x0_BxCxHxW: jax.Array,
+    eps_BxCxHxW: jax.Array,
+    t_B: jax.Array,
+    prediction_type: str,
+) -> jax.Array:
+    """The regression target of the UNet: eps ('epsilon') or v ('v_prediction', SD2.1-768)."""
+    if prediction_type == "epsilon":
+        return eps_BxCxHxW
+    if prediction_type == "v_prediction":
+        return velocity(schedule, x0_BxCxHxW, eps_BxCxHxW, t_B)
+    raise ValueError(
+        f"config.model.prediction_type={prediction_type!r}: expected one of {PREDICTION_TYPES}"
+    )
+
+
+def sample_timesteps(rng: jax.Array, batch: int, num_train_timesteps: int) -> jax.Array:
+    """int32 [batch] uniform in [0, num_train_timesteps), like torch.randint(0, T, (batch,))."""
+    return jax.random.randint(rng, (batch,), 0, num_train_timesteps, dtype=jnp.int32)

@@ -1,0 +1,161 @@
+"""The training-shard record schema, shared by the PyTorch writer and the JAX reader.
+
+This module imports neither JAX nor torch (numpy only), so both sides use it.
+
+One record is one preference pair (prompt, image 0, image 1). Binary layout of a
+record (little endian):
+
+    4 bytes  uint32   length N of the JSON header
+    N bytes  utf-8    header: {"schema_version": int, "strings": {...},
+                               "arrays": {name: [dtype, shape, offset]}}
+    ...      raw      array bytes, each starting at `offset` from the start of the
+                      payload (the byte after the header), 16-byte aligned
+
+Arrays decode with `np.frombuffer` (no copy), so reading is cheap.
+
+Fields (`V` = stored views: 1, or 2 when the horizontally flipped image is stored too;
+`K` = number of scorers, named in the manifest's `scorer_names`):
+
+    pair_id              str
+    prompt               str
+    moments_0, moments_1 float16 [V, 2, C, H, W]  VAE latent_dist mean (axis 1 index 0)
+                                                  and log-variance (index 1), unscaled
+    text_embeds          float16 [L, D]   encoder_hidden_states of the prompt
+    pooled_text_embeds   float16 [P]      (SDXL only) pooled text embedding
+    add_time_ids         float32 [6]      (SDXL only) original size, crop, target size
+    scores               float32 [K, 2]   raw score of every scorer for image 0 and 1
+    votes                int8    [K]      s_k = +1 if score_0 >= score_1 - tol else -1
+    label                int8    []       majority label after the tie policy (+1, -1, 0)
+    margin               int8    []       sum_k s_k
+    human_label          float32 []       +1 image 0 preferred, -1 image 1, 0 tie,
+                                          NaN when the dataset has no human label
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Mapping
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+
+MANIFEST_NAME = "manifest.json"
+EMPTY_PROMPT_NAME = "empty_prompt.npz"  # text embeddings of "" for conditioning dropout
+SHARD_SUFFIX = ".array_record"
+
+STRING_FIELDS = ("pair_id", "prompt")
+# name -> (dtype, number of dimensions, required)
+ARRAY_FIELDS: dict[str, tuple[str, int, bool]] = {
+    "moments_0": ("float16", 5, True),
+    "moments_1": ("float16", 5, True),
+    "text_embeds": ("float16", 2, True),
+    "pooled_text_embeds": ("float16", 1, False),
+    "add_time_ids": ("float32", 1, False),
+    "scores": ("float32", 2, True),
+    "votes": ("int8", 1, True),
+    "label": ("int8", 0, True),
+    "margin": ("int8", 0, True),
+    "human_label": ("float32", 0, True),
+}
+
+_ALIGN = 16
+
+
+class SchemaError(ValueError):
+    """A record or manifest does not follow this schema."""
+
+
+def manifest_name(worker_index: int, num_workers: int) -> str:
+    """Manifest file of one preprocessing worker (`manifest.json` for a single worker)."""
+    return MANIFEST_NAME if num_workers == 1 else f"manifest-w{worker_index:03d}.json"
+
+
+def shard_name(worker_index: int, shard_index: int) -> str:
+    """File name of one shard; workers write disjoint names."""
+    return f"shard-w{worker_index:03d}-{shard_index:05d}{SHARD_SUFFIX}"
+
+
+def validate_record(record: Mapping[str, object]) -> None:
+    """Raise SchemaError naming the field that is missing or malformed."""
+    for name in STRING_FIELDS:
+        if not isinstance(record.get(name), str):
+            raise SchemaError(f"record field {name!r} must be a str, got {type(record.get(name))}")
+    for name, (dtype, ndim, required) in ARRAY_FIELDS.items():
+        if name not in record:
+            if required:
+                raise SchemaError(f"record is missing required field {name!r}")
+            continue
+        value = np.asarray(record[name])
+        if value.ndim != ndim:
+            raise SchemaError(
+                f"record field {name!r} must have {ndim} dimensions, got shape {value.shape}"
+            )
+    unknown = set(record) - set(STRING_FIELDS) - set(ARRAY_FIELDS)
+    if unknown:
+        raise SchemaError(f"record has unknown fields {sorted(unknown)}")
+    k = np.asarray(record["scores"]).shape[0]
+    if np.asarray(record["scores"]).shape != (k, 2) or np.asarray(record["votes"]).shape != (k,):
+        raise SchemaError("record fields 'scores' [K, 2] and 'votes' [K] disagree on K")
+
+
+def encode_record(record: Mapping[str, object]) -> bytes:
+    """Serialise one pair to bytes (fields cast to the schema's dtypes)."""
+    validate_record(record)
+    arrays_meta: dict[str, list] = {}
+    chunks: list[bytes] = []
+    offset = 0
+    for name, (dtype, _, _) in ARRAY_FIELDS.items():
+        if name not in record:
+            continue
+        array = np.asarray(record[name], dtype=dtype)  # tobytes() writes C order
+        pad = (-offset) % _ALIGN
+        chunks.append(b"\0" * pad)
+        offset += pad
+        arrays_meta[name] = [dtype, list(array.shape), offset]
+        raw = array.tobytes()
+        chunks.append(raw)
+        offset += len(raw)
+    header = {
+        "schema_version": SCHEMA_VERSION,
+        "strings": {name: record[name] for name in STRING_FIELDS},
+        "arrays": arrays_meta,
+    }
+    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    header_bytes += b" " * ((-(4 + len(header_bytes))) % _ALIGN)
+    return struct.pack("<I", len(header_bytes)) + header_bytes + b"".join(chunks)
+
+
+def decode_record(data: bytes) -> dict[str, object]:
+    """Inverse of `encode_record`; arrays are read-only views into `data`."""
+    if len(data) < 4:
+        raise SchemaError(f"record of {len(data)} bytes is too short")
+    (header_len,) = struct.unpack_from("<I", data, 0)
+    try:
+        header = json.loads(bytes(data[4 : 4 + header_len]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SchemaError(f"record header is not valid JSON: {error}") from error
+    version = header.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise SchemaError(
+            f"record schema_version {version} does not match this code's {SCHEMA_VERSION}; "
+            "re-run scorers_torch.preprocess with this version"
+        )
+    payload_start = 4 + header_len
+    record: dict[str, object] = dict(header["strings"])
+    for name, (dtype, shape, offset) in header["arrays"].items():
+        count = int(np.prod(shape)) if shape else 1
+        record[name] = np.frombuffer(
+            data, dtype=dtype, count=count, offset=payload_start + offset
+        ).reshape(shape)
+    return record
+
+
+def check_manifest_version(manifest: Mapping[str, object], path: str) -> None:
+    """Raise SchemaError naming `path` when its schema version is not ours."""
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise SchemaError(
+            f"{path}: schema_version {version} does not match this code's {SCHEMA_VERSION}"
+        )

@@ -1,0 +1,159 @@
+"""Synthetic preference pairs made in-process (data.source = 'synthetic').
+
+Backs configs/tiny.py and the trainer's CPU tests: no files, deterministic from the seed,
+cheap. Records have the keys and dtypes of `bdpo_jax.schema` and go through the same Grain
+pipeline as the shards (`bdpo_jax.data.build_pipeline`), so shuffling, multi-host slicing,
+tie filtering, batching and iterator checkpoints behave exactly as with real data.
+
+Scores are random, on deliberately different scales per scorer (like PickScore, HPS,
+CLIP and Aesthetic); votes, label and margin follow the paper's Eq. 6/7 from those scores.
+"""
+
+from __future__ import annotations
+
+import grain
+import numpy as np
+
+from bdpo_jax import data
+
+VAE_SCALING_FACTOR = 0.18215  # SD1.5's; synthetic latents are N(0, 1) after scaling
+_BASE_MEANS = np.array([0.19, 0.27, 0.37, 4.5], np.float64)  # P, H, C, A-like scales
+
+
+def score_stats(num_scorers: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-scorer mean and std of the synthetic score distribution ([K] each)."""
+    k = np.arange(num_scorers)
+    mean_K = _BASE_MEANS[k % len(_BASE_MEANS)] * (1 + k // len(_BASE_MEANS))
+    return mean_K.astype(np.float32), (0.1 * mean_K).astype(np.float32)
+
+
+def votes_from_scores(scores_Kx2: np.ndarray, tol: float = 0.0) -> tuple[np.ndarray, int, int]:
+    """Eq. 6/7: s_k = +1 if score_0 >= score_1 - tol else -1; label = sign(sum_k s_k)."""
+    votes_K = np.where(scores_Kx2[:, 0] >= scores_Kx2[:, 1] - tol, 1, -1).astype(np.int8)
+    margin = int(votes_K.sum())
+    return votes_K, int(np.sign(margin)), margin
+
+
+class SyntheticSource(grain.sources.RandomAccessDataSource):
+    """Random-access source of decoded records; record i depends only on (seed, i)."""
+
+    def __init__(
+        self,
+        num_records: int,
+        latent_shape: tuple[int, int, int],
+        text_shape: tuple[int, int],
+        num_scorers: int,
+        pooled_dim: int | None,
+        seed: int,
+    ):
+        if num_records < 1 or num_scorers < 1:
+            raise ValueError(
+                "data.synthetic_num_records and data.synthetic_num_scorers must be >= 1, "
+                f"got {num_records} and {num_scorers}"
+            )
+        self.num_records, self.num_scorers = int(num_records), int(num_scorers)
+        self.latent_shape = tuple(int(x) for x in latent_shape)
+        self.text_shape = tuple(int(x) for x in text_shape)
+        self.pooled_dim, self.seed = pooled_dim, int(seed)
+        if len(self.latent_shape) != 3 or len(self.text_shape) != 2:
+            raise ValueError(
+                f"data.synthetic_latent_shape must be (C, H, W) and data.synthetic_text_shape "
+                f"(L, D), got {latent_shape} and {text_shape}"
+            )
+
+    def __len__(self) -> int:
+        return self.num_records
+
+    def __repr__(self) -> str:
+        return f"SyntheticSource(num_records={self.num_records}, seed={self.seed})"
+
+    def __getitem__(self, index) -> dict:
+        index = int(index)
+        if not 0 <= index < self.num_records:
+            raise IndexError(f"synthetic record {index} out of range [0, {self.num_records})")
+        rng = np.random.default_rng([self.seed, index])
+        c, h, w = self.latent_shape
+
+        def moments():  # [V=1, 2, C, H, W]: latent mean and log-variance, unscaled
+            mean = rng.standard_normal((1, 1, c, h, w)) / VAE_SCALING_FACTOR
+            logvar = np.full((1, 1, c, h, w), -6.0)
+            return np.concatenate([mean, logvar], axis=1).astype(np.float16)
+
+        mean_K, std_K = score_stats(self.num_scorers)
+        scores = mean_K[:, None] + std_K[:, None] * rng.standard_normal((self.num_scorers, 2))
+        scores = scores.astype(np.float32)
+        votes, label, margin = votes_from_scores(scores)
+        record = {
+            "pair_id": f"synthetic-{index}",
+            "prompt": f"synthetic prompt {index}",
+            "moments_0": moments(),
+            "moments_1": moments(),
+            "text_embeds": rng.standard_normal(self.text_shape).astype(np.float16),
+            "scores": scores,
+            "votes": votes,
+            "label": np.int8(label),
+            "margin": np.int8(margin),
+            "human_label": np.float32(rng.choice([-1.0, 1.0])),
+        }
+        if self.pooled_dim:
+            record["pooled_text_embeds"] = rng.standard_normal(self.pooled_dim).astype(np.float16)
+            size = [8 * h, 8 * w]
+            record["add_time_ids"] = np.array(size + [0, 0] + size, np.float32)
+        return record
+
+
+def _source_and_info(data_config, seed: int) -> tuple[SyntheticSource, data.DatasetInfo]:
+    pooled_dim = int(data_config.get("synthetic_pooled_dim", 0)) or None
+    source = SyntheticSource(
+        num_records=int(data_config.synthetic_num_records),
+        latent_shape=tuple(data_config.synthetic_latent_shape),
+        text_shape=tuple(data_config.synthetic_text_shape),
+        num_scorers=int(data_config.synthetic_num_scorers),
+        pooled_dim=pooled_dim,
+        seed=seed,
+    )
+    mean_K, std_K = score_stats(source.num_scorers)
+    info = data.DatasetInfo(
+        scorer_names=tuple(f"synthetic_{k}" for k in range(source.num_scorers)),
+        latent_shape=source.latent_shape,
+        text_shape=source.text_shape,
+        pooled_dim=pooled_dim,
+        views=1,
+        vae_scaling_factor=VAE_SCALING_FACTOR,
+        num_records=source.num_records,
+        score_mean=mean_K,
+        score_std=std_K,
+        empty_text_embeds=np.zeros(source.text_shape, np.float16),
+        empty_pooled_text_embeds=np.zeros(pooled_dim, np.float16) if pooled_dim else None,
+    )
+    return source, info
+
+
+def synthetic_dataset_info(data_config, seed: int = 0) -> data.DatasetInfo:
+    """The DatasetInfo of the synthetic data of `data_config` (no records made)."""
+    return _source_and_info(data_config, seed)[1]
+
+
+def make_synthetic_dataset(
+    data_config,
+    *,
+    global_batch_size: int,
+    seed: int,
+    label_mode: str,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> tuple[grain.IterDataset, data.DatasetInfo]:
+    """Batches of synthetic pairs through the shards' pipeline, and their DatasetInfo."""
+    source, info = _source_and_info(data_config, seed)
+    dataset = data.build_pipeline(
+        source,
+        data_config=data_config,
+        num_records=info.num_records,
+        global_batch_size=global_batch_size,
+        seed=seed,
+        label_mode=label_mode,
+        process_index=process_index,
+        process_count=process_count,
+        decode=False,
+    )
+    return dataset, info

@@ -1,0 +1,220 @@
+"""The training state (one pytree) and where the UNet and its first weights come from.
+
+Shapes first (nanodo): `jax.eval_shape` of the init gives the abstract state, `sharding`
+turns it into NamedShardings, and `jax.jit(init, out_shardings=...)` materialises it already
+sharded, so SD-sized models are never built on one device first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, NamedTuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from bdpo_jax import sharding
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@flax.struct.dataclass
+class TrainState:
+    """step: optimiser steps done; rng: base key (per-step keys are fold_in(rng, step))."""
+
+    step: jax.Array
+    params: Any
+    ref_params: Any
+    opt_state: Any
+    rng: jax.Array
+
+    def to_dict(self) -> dict[str, Any]:
+        """The checkpoint layout: {"step", "params", "ref_params", "opt_state", "rng"}."""
+        return {
+            "step": self.step,
+            "params": self.params,
+            "ref_params": self.ref_params,
+            "opt_state": self.opt_state,
+            "rng": self.rng,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainState:
+        return cls(**{k: d[k] for k in ("step", "params", "ref_params", "opt_state", "rng")})
+
+
+def dtype_from_name(name: str, field: str) -> Any:
+    if name not in _DTYPES:
+        raise ValueError(f"{field}={name!r}: expected one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def resolve_unet_config(spec: str, *, latent_shape, text_shape, pooled_dim) -> dict[str, Any]:
+    """A diffusers UNet config dict from config.model.unet_config.
+
+    "tiny:<family>" -> presets.tiny_unet_config sized to the data (channels, latent size, text
+    width); "sd15" | "sd21" | "sdxl" -> the real configs; otherwise a config.json path (or a
+    folder holding one).
+    """
+    from bdpo_jax.models import presets
+
+    if spec.startswith("tiny:"):
+        family = spec.split(":", 1)[1]
+        cfg = dict(
+            presets.tiny_unet_config(
+                family,
+                in_channels=int(latent_shape[0]),
+                sample_size=int(latent_shape[1]),
+                cross_attention_dim=int(text_shape[1]),
+            )
+        )
+        if cfg.get("addition_embed_type") == "text_time":
+            if not pooled_dim:
+                raise ValueError(
+                    f"config.model.unet_config={spec!r} needs pooled text embeddings; the data "
+                    "has none (set data.synthetic_pooled_dim for synthetic data)"
+                )
+            cfg["projection_class_embeddings_input_dim"] = presets.sdxl_projection_dim(
+                int(pooled_dim), int(cfg["addition_time_embed_dim"])
+            )
+        return cfg
+    if spec in ("sd15", "sd21", "sdxl"):
+        return dict(presets.real_unet_config(spec))
+    path = os.path.join(spec, "config.json") if os.path.isdir(spec) else spec
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"config.model.unet_config={spec!r}: not 'tiny:<family>', 'sd15', 'sd21', 'sdxl' "
+            f"nor an existing config.json ({path} not found)"
+        )
+    with open(path) as f:
+        return json.load(f)
+
+
+def build_model(
+    model_config: ml_collections.ConfigDict, *, latent_shape, text_shape, pooled_dim
+) -> tuple[Any, dict[str, Any], Any | None]:
+    """(Flax UNet, its diffusers config dict, host params or None for a random init).
+
+    config.model.unet_config set -> random init from that config; else load_unet(pretrained,
+    subfolder) from a local diffusers folder or a hub id (weights returned as host arrays).
+    """
+    from bdpo_jax.models import UNet2DConditionModel, load_unet
+    from bdpo_jax.models.unet import config_to_dict
+
+    kwargs = dict(
+        param_dtype=dtype_from_name(model_config.param_dtype, "config.model.param_dtype"),
+        dtype=dtype_from_name(model_config.compute_dtype, "config.model.compute_dtype"),
+        remat=bool(model_config.remat),
+        attention=model_config.attention,
+    )
+    if model_config.unet_config:
+        unet_cfg = resolve_unet_config(
+            model_config.unet_config,
+            latent_shape=latent_shape,
+            text_shape=text_shape,
+            pooled_dim=pooled_dim,
+        )
+        model = UNet2DConditionModel.from_config(unet_cfg, **kwargs)
+        return model, config_to_dict(model.config), None
+    if not model_config.pretrained:
+        raise ValueError(
+            "set config.model.pretrained (hub id or folder) or config.model.unet_config"
+        )
+    model, params = load_unet(
+        model_config.pretrained,
+        subfolder=model_config.subfolder or None,
+        dtype=kwargs["param_dtype"],
+        compute_dtype=kwargs["dtype"],
+        remat=kwargs["remat"],
+        attention=kwargs["attention"],
+    )
+    unet_cfg = config_to_dict(model.config)
+    return model, unet_cfg, params
+
+
+def init_state(
+    model: Any, tx: optax.GradientTransformation, key: jax.Array, params: Any = None
+) -> TrainState:
+    """The initial state from a PRNGKey (pure: traced under eval_shape and jit).
+
+    params None -> a random init; ref_params is a copy of params; rng is the base key of the
+    per-step keys.
+    """
+    from bdpo_jax.models import init_unet_params
+
+    if params is None:
+        params = init_unet_params(model, jax.random.fold_in(key, 0))
+    ref_params = jax.tree.map(jnp.copy, params)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        ref_params=ref_params,
+        opt_state=tx.init(params),
+        rng=jax.random.fold_in(key, 1),
+    )
+
+
+def state_shardings(abstract_state: TrainState, mesh, rules, min_size: int) -> TrainState:
+    """NamedShardings for every leaf: params, ref_params and opt_state by the same rules."""
+    return sharding.tree_shardings(abstract_state, mesh, rules, min_size)
+
+
+class Initializers(NamedTuple):
+    """Shapes first: the abstract state, its shardings, and jitted sharded initialisers."""
+
+    abstract: TrainState
+    shardings: TrainState
+    init_random: Any  # key -> state (random params), materialised sharded
+    init_from_params: Any  # (params, key) -> state; params already placed as shardings.params
+
+
+def make_initializers(
+    model: Any, tx: optax.GradientTransformation, mesh, rules=(), min_size: int = 2**18
+) -> Initializers:
+    """jax.eval_shape -> shardings -> jax.jit(init, out_shardings=...): no full-size host copy."""
+    key = jax.random.PRNGKey(0)
+    abstract = jax.eval_shape(lambda k: init_state(model, tx, k), key)
+    shardings = state_shardings(abstract, mesh, rules, min_size)
+    repl = sharding.replicated(mesh)
+    init_random = jax.jit(
+        lambda k: init_state(model, tx, k), in_shardings=(repl,), out_shardings=shardings
+    )
+    init_from_params = jax.jit(
+        lambda p, k: init_state(model, tx, k, p),
+        in_shardings=(shardings.params, repl),
+        out_shardings=shardings,
+    )
+    return Initializers(abstract, shardings, init_random, init_from_params)
+
+
+def place_params(host_params: Any, inits: Initializers) -> Any:
+    """Loaded host weights cast to the abstract params' dtypes and placed sharded."""
+    return jax.tree.map(
+        lambda x, a, s: jax.device_put(np.asarray(x, dtype=a.dtype), s),
+        host_params,
+        inits.abstract.params,
+        inits.shardings.params,
+    )
+
+
+def create_train_state(
+    model: Any,
+    tx: optax.GradientTransformation,
+    *,
+    seed: int,
+    mesh,
+    rules=(),
+    min_size: int = 2**18,
+    host_params: Any = None,
+) -> tuple[TrainState, TrainState]:
+    """(state, shardings): random init, or `host_params` (loaded weights) placed sharded."""
+    inits = make_initializers(model, tx, mesh, rules, min_size)
+    key = jax.random.PRNGKey(seed)
+    if host_params is None:
+        return inits.init_random(key), inits.shardings
+    return inits.init_from_params(place_params(host_params, inits), key), inits.shardings

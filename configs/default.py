@@ -1,0 +1,118 @@
+"""Every configuration field of bdpo_jax, with its default and a one-line comment.
+
+Variants (sd15.py, sd21.py, sdxl.py, tiny.py, demo.py) import `get_config` from here
+and override fields only. Run:
+
+    python -m bdpo_jax.train --config configs/default.py --workdir W [--config.a.b=v]
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0  # seeds parameter init (when not loaded), noise, timesteps and data order
+
+    # --- model: the UNet and where its weights come from -----------------------------------
+    config.model = ml_collections.ConfigDict()
+    config.model.pretrained = "runwayml/stable-diffusion-v1-5"  # hub id or local diffusers folder
+    config.model.subfolder = "unet"  # subfolder of `pretrained` holding the UNet ('' for none)
+    config.model.unet_config = ""  # path/name of a UNet config.json to init randomly instead
+    config.model.param_dtype = "float32"  # dtype the trained params are stored in
+    config.model.compute_dtype = "bfloat16"  # dtype of activations and matmuls
+    config.model.remat = True  # per-block gradient checkpointing (nn.remat)
+    config.model.attention = "auto"  # 'auto' | 'xla' | 'cudnn' for jax.nn.dot_product_attention
+    config.model.prediction_type = "epsilon"  # 'epsilon' or 'v_prediction' (SD2.1-768)
+    config.model.init_checkpoint = ""  # Orbax checkpoint dir to take params from ('' = pretrained)
+
+    # --- diffusion schedule (the base model's DDPM scheduler) -------------------------------
+    config.diffusion = ml_collections.ConfigDict()
+    config.diffusion.num_train_timesteps = 1000  # T of the DDPM schedule
+    config.diffusion.beta_schedule = "scaled_linear"  # 'scaled_linear' | 'linear'
+    config.diffusion.beta_start = 0.00085  # first beta
+    config.diffusion.beta_end = 0.012  # last beta
+    config.diffusion.vae_scaling_factor = 0.18215  # latents = sample * factor (SDXL 0.13025)
+
+    # --- data -------------------------------------------------------------------------------
+    config.data = ml_collections.ConfigDict()
+    config.data.source = "shards"  # 'shards' (ArrayRecord from scorers_torch) | 'synthetic'
+    config.data.path = ""  # folder of shards + manifest.json (required for 'shards')
+    config.data.shuffle = True  # seeded shuffle of records (per epoch)
+    config.data.num_workers = 0  # Grain worker processes (0 = read in the main process)
+    config.data.prefetch = 2  # batches prefetched ahead of the step
+    config.data.read_threads = 0  # reader threads per process (0: best on local disk; >0 for NFS)
+    config.data.random_flip = True  # pick a stored flipped view at random when present
+    config.data.drop_tied_labels = True  # drop pairs whose chosen label is 0 (exact tie)
+    # synthetic source (CPU smoke tests): random moments, embeddings and scores made in-process
+    config.data.synthetic_num_records = 64  # size of the synthetic dataset
+    config.data.synthetic_latent_shape = (4, 8, 8)  # [C, H, W] of synthetic latents
+    config.data.synthetic_text_shape = (8, 32)  # [L, D] of synthetic text embeddings
+    config.data.synthetic_num_scorers = 4  # K of synthetic scores
+    config.data.synthetic_pooled_dim = 0  # P of synthetic pooled embeds + add_time_ids (0 = none)
+
+    # --- labels: how a pair's preference is decided (all from the same shards) -----------
+    config.label = ml_collections.ConfigDict()
+    # 'majority' (BalancedDPO) | 'single' | 'human' | 'weighted_sum' (Eq. 10) | 'score_sum' |
+    # 'normalized_sum' | 'random_scorer' | 'soft_vote' | 'smpo' | 'sft' (see bdpo_jax/labels.py)
+    config.label.mode = "majority"
+    config.label.scorer = ""  # scorer name for mode 'single' (and smpo's reward model)
+    config.label.weights = ""  # 'name=w,...' for weighted/score/normalized_sum ('' = all 1/K)
+    config.label.smpo_lo = 0.11544  # 'smpo': score mapped to 0 (SmPO's PickScore low end)
+    config.label.smpo_hi = 0.28202  # 'smpo': score mapped to 1 (SmPO's PickScore high end)
+    config.label.smpo_scale = 10.0  # 'smpo': label = (2 * sigmoid(n_1 - n_2) - 1) * scale
+    config.label.tie_tolerance = 0.0  # |score_0 - score_1| <= tol counts as a tie vote for image 0
+
+    # --- DPO --------------------------------------------------------------------------------
+    config.dpo = ml_collections.ConfigDict()
+    config.dpo.beta = 5000.0  # Diffusion-DPO beta (applied once: inside = -0.5*beta*diff)
+    config.dpo.ref_update_every = 100  # T: reference <- policy every T steps (0 = never)
+    config.dpo.ref_update = "copy"  # 'copy' (BalancedDPO) or 'ema'
+    config.dpo.ref_ema_decay = 0.99  # decay for ref_update='ema'
+    config.dpo.proportion_empty_prompts = 0.2  # text-conditioning dropout probability
+
+    # --- optimisation -----------------------------------------------------------------------
+    config.optim = ml_collections.ConfigDict()
+    config.optim.optimizer = "adamw"  # 'adamw' | 'adafactor'
+    config.optim.learning_rate = 1e-8  # base lr (per sample when scale_lr)
+    config.optim.scale_lr = True  # Diffusion-DPO: lr *= global batch * accumulation
+    config.optim.warmup_steps = 500  # linear warm-up steps
+    config.optim.schedule = "constant"  # 'constant' | 'cosine' after warm-up
+    config.optim.b1 = 0.9  # Adam beta1
+    config.optim.b2 = 0.999  # Adam beta2
+    config.optim.eps = 1e-8  # Adam epsilon
+    config.optim.weight_decay = 1e-2  # decoupled weight decay
+    config.optim.grad_clip_norm = 1.0  # global-norm clip (0 = off)
+    config.optim.grad_accum_steps = 1  # micro-batches per optimiser step (a lax.scan in the step)
+    config.optim.adafactor_decay_rate = 0.8  # Adafactor second-moment decay exponent (HF: -0.8)
+    config.optim.adafactor_clip_threshold = 1.0  # Adafactor update clipping (HF clip_threshold)
+
+    # --- training loop ----------------------------------------------------------------------
+    config.train = ml_collections.ConfigDict()
+    config.train.steps = 2000  # optimiser steps
+    config.train.global_batch_size = 128  # pairs per optimiser step (over all devices)
+    config.train.log_every = 10  # steps between metric logs
+    config.train.checkpoint_every = 500  # steps between checkpoints (the last step is saved too)
+    config.train.keep_checkpoints = 3  # checkpoints kept
+    config.train.sample_every = 0  # steps between sample grids (0 = off)
+    config.train.async_checkpoints = True  # write checkpoints in the background
+    config.train.progress_bar = True  # tqdm progress bar on the console (process 0)
+
+    # --- sharding ---------------------------------------------------------------------------
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.shape = (-1, 1)  # (data, fsdp); -1 takes the remaining devices
+    config.mesh.axis_names = ("data", "fsdp")  # batch is sharded over both axes
+    config.mesh.fsdp_min_size = 2**18  # params with fewer elements stay replicated
+    # (regex on the param path, tactic) pairs, first match wins; tactic 'replicate' | 'fsdp' |
+    # explicit spec 'None,None,None,fsdp'; unmatched leaves use 'fsdp' (see bdpo_jax.sharding)
+    config.mesh.rules = ()
+
+    # --- sampling (sample grids during training and bdpo_jax.sample) ---------------------
+    config.sample = ml_collections.ConfigDict()
+    config.sample.scheduler = "ddim"  # 'ddim' | 'dpmpp' (DPM-Solver++ 2M) | 'euler'
+    config.sample.num_steps = 50  # denoising steps
+    config.sample.guidance_scale = 7.5  # classifier-free guidance
+    config.sample.prompts = ()  # prompts for training sample grids
+    config.sample.timestep_spacing = "leading"  # 'leading' | 'linspace' | 'trailing' (SD: leading)
+    config.sample.steps_offset = 1  # added to 'leading' timesteps (SD scheduler configs: 1)
+    config.sample.set_alpha_to_one = False  # DDIM's final alpha_cumprod: 1 or alphas_cumprod[0]
+    return config

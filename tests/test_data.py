@@ -1,0 +1,421 @@
+"""The Grain pipeline over ArrayRecord shards written here, and the synthetic source."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from array_record.python.array_record_module import ArrayRecordWriter
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from bdpo_jax import data, schema, synthetic
+from configs.default import get_config
+
+NUM_RECORDS = 30
+SHARD_SIZES = ((0, 0, 10), (0, 1, 11), (1, 0, 9))  # (worker, shard, records)
+K, C, H, W, L, D = 4, 2, 3, 3, 5, 6
+
+
+def _record(index: int) -> dict:
+    """Record `index`: moments[v, 0] = index, moments[v, 1] = 10 * image + v (to read back)."""
+    rng = np.random.default_rng(index)
+    if index % 5 == 0:  # a 2-2 tie of the four votes
+        votes = np.array([1, -1, 1, -1])
+    else:
+        votes = rng.choice([-1, 1], size=K)
+        if votes.sum() == 0:  # no accidental ties elsewhere (K = 4: the sum is even)
+            votes[0] = -votes[0]
+    score_1 = rng.normal(size=K)
+    scores = np.stack([score_1 + 0.5 * votes, score_1], axis=1)
+    human = [np.nan, 0.0][index % 7] if index % 7 < 2 else [1.0, -1.0][index % 2]
+
+    def moments(image):
+        m = np.zeros((2, 2, C, H, W), np.float32)
+        for v in range(2):
+            m[v, 0], m[v, 1] = index, 10 * image + v
+        return m
+
+    return {
+        "pair_id": f"p{index}",
+        "prompt": f"prompt number {index}",
+        "moments_0": moments(0),
+        "moments_1": moments(1),
+        "text_embeds": np.full((L, D), index),
+        "scores": scores,
+        "votes": votes,
+        "label": int(np.sign(votes.sum())),
+        "margin": int(votes.sum()),
+        "human_label": human,
+    }
+
+
+def _manifest(shards, scores, version=schema.SCHEMA_VERSION):
+    return {
+        "schema_version": version,
+        "scorer_names": [f"s{k}" for k in range(K)],
+        "latent_shape": [C, H, W],
+        "text_shape": [L, D],
+        "pooled_dim": None,
+        "views": 2,
+        "vae_scaling_factor": 0.18215,
+        "score_stats": {
+            f"s{k}": {"mean": float(scores[:, k].mean()), "std": float(scores[:, k].std())}
+            for k in range(K)
+        },
+        "shards": shards,
+        "counts": {"written": sum(s["num_records"] for s in shards), "skipped": {"corrupt": 1}},
+    }
+
+
+def _write_shard(path, records, options="group_size:1,uncompressed"):
+    writer = ArrayRecordWriter(path, options)
+    for record in records:
+        writer.write(record if isinstance(record, bytes) else schema.encode_record(record))
+    writer.close()
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory):
+    """Two workers' manifests over three shards of 30 records in all."""
+    folder = tmp_path_factory.mktemp("shards")
+    index = 0
+    per_worker = {0: ([], []), 1: ([], [])}
+    for worker, shard, size in SHARD_SIZES:
+        records = [_record(i) for i in range(index, index + size)]
+        index += size
+        name = schema.shard_name(worker, shard)
+        _write_shard(str(folder / name), records)
+        per_worker[worker][0].append({"name": name, "num_records": size})
+        per_worker[worker][1].extend(r["scores"].T for r in records)
+    for worker, (shards, scores) in per_worker.items():
+        manifest = _manifest(shards, np.concatenate(scores))
+        (folder / schema.manifest_name(worker, 2)).write_text(json.dumps(manifest))
+    np.savez(folder / schema.EMPTY_PROMPT_NAME, text_embeds=np.ones((L, D), np.float16))
+    return str(folder)
+
+
+def _config(path="", **overrides):
+    config = get_config().data
+    config.path = path
+    config.prefetch = 0
+    config.drop_tied_labels = False
+    config.update(overrides)
+    return config
+
+
+def _batches(config, n, batch=5, seed=0, mode="majority", **kwargs):
+    dataset, _ = data.make_dataset(
+        config, global_batch_size=batch, seed=seed, label_mode=mode, **kwargs
+    )
+    iterator = iter(dataset)
+    return [next(iterator) for _ in range(n)]
+
+
+def test_dataset_info_merges_manifests(shard_dir):
+    info = data.read_dataset_info(shard_dir)
+    assert info.num_records == NUM_RECORDS and info.views == 2
+    assert info.scorer_names == ("s0", "s1", "s2", "s3")
+    assert info.latent_shape == (C, H, W) and info.text_shape == (L, D)
+    assert info.pooled_dim is None and info.empty_pooled_text_embeds is None
+    np.testing.assert_array_equal(info.empty_text_embeds, np.ones((L, D), np.float16))
+    scores_NxK = np.concatenate([_record(i)["scores"].T for i in range(NUM_RECORDS)])
+    np.testing.assert_allclose(info.score_mean, scores_NxK.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(info.score_std, scores_NxK.std(0), rtol=1e-5)
+    manifest = data.read_manifest(shard_dir)
+    assert manifest["counts"] == {"written": 30, "skipped": {"corrupt": 2}}
+
+
+def test_batch_keys_dtypes_and_values(shard_dir):
+    (batch,) = _batches(_config(shard_dir, random_flip=False), 1)
+    expected = {
+        "moments_0": (np.float16, (5, 2, C, H, W)),
+        "moments_1": (np.float16, (5, 2, C, H, W)),
+        "text_embeds": (np.float16, (5, L, D)),
+        "scores": (np.float32, (5, K, 2)),
+        "votes": (np.int8, (5, K)),
+        "label": (np.int8, (5,)),
+        "margin": (np.int8, (5,)),
+        "human_label": (np.float32, (5,)),
+        "index": (np.int64, (5,)),
+    }
+    assert {k: (v.dtype, v.shape) for k, v in batch.items()} == {
+        k: (np.dtype(d), s) for k, (d, s) in expected.items()
+    }
+    for j, index in enumerate(batch["index"]):
+        record = _record(int(index))
+        np.testing.assert_array_equal(batch["moments_0"][j], record["moments_0"][0])
+        np.testing.assert_array_equal(batch["moments_1"][j], record["moments_1"][0])
+        np.testing.assert_array_equal(batch["scores"][j], record["scores"].astype(np.float32))
+        np.testing.assert_array_equal(batch["votes"][j], record["votes"])
+        assert batch["label"][j] == record["label"] and batch["margin"][j] == record["margin"]
+
+
+def test_each_record_once_per_epoch_and_seeded_order(shard_dir):
+    batches = _batches(_config(shard_dir), 12)
+    epoch_0 = np.concatenate([b["index"] for b in batches[:6]])
+    epoch_1 = np.concatenate([b["index"] for b in batches[6:]])
+    assert sorted(epoch_0) == list(range(NUM_RECORDS))
+    assert sorted(epoch_1) == list(range(NUM_RECORDS))
+    assert not np.array_equal(epoch_0, epoch_1)  # reshuffled every epoch
+    again = np.concatenate([b["index"] for b in _batches(_config(shard_dir), 6)])
+    np.testing.assert_array_equal(epoch_0, again)
+    other = np.concatenate([b["index"] for b in _batches(_config(shard_dir), 6, seed=1)])
+    assert not np.array_equal(epoch_0, other)
+    unshuffled = _batches(_config(shard_dir, shuffle=False), 6)
+    assert list(np.concatenate([b["index"] for b in unshuffled])) == list(range(NUM_RECORDS))
+
+
+def test_two_processes_read_disjoint_halves(shard_dir):
+    config = _config(shard_dir)
+    host_indices = [
+        np.concatenate(
+            [b["index"] for b in _batches(config, 3, batch=10, process_index=p, process_count=2)]
+        )
+        for p in range(2)
+    ]
+    assert all(len(ix) == 15 for ix in host_indices)
+    assert not set(host_indices[0]) & set(host_indices[1])
+    assert sorted(np.concatenate(host_indices)) == list(range(NUM_RECORDS))
+
+
+@pytest.mark.parametrize("mode", ["majority", "human", "single"])
+def test_tie_filter(shard_dir, mode):
+    records = [_record(i) for i in range(NUM_RECORDS)]
+    if mode == "majority":
+        kept = [i for i, r in enumerate(records) if r["label"] != 0]
+    elif mode == "human":
+        kept = [i for i, r in enumerate(records) if r["human_label"] in (1.0, -1.0)]
+    else:
+        kept = list(range(NUM_RECORDS))
+    assert 0 < len(kept) <= NUM_RECORDS
+    batch_size = 2
+    n = len(kept) // batch_size
+    batches = _batches(_config(shard_dir, drop_tied_labels=True), n, batch=batch_size, mode=mode)
+    seen = np.concatenate([b["index"] for b in batches])
+    assert len(set(seen)) == len(seen) and set(seen) <= set(kept)
+    assert len(seen) >= len(kept) - 1
+
+
+def test_view_choice_per_image(shard_dir):
+    seed, batch_size = 3, 5
+    batches = _batches(_config(shard_dir), 6, batch=batch_size, seed=seed)
+    views = []
+    for b, batch in enumerate(batches):
+        for j in range(batch_size):
+            v0, v1 = data.choose_views(seed, b * batch_size + j, 2)
+            index = batch["index"][j]
+            assert batch["moments_0"][j, 0].min() == batch["moments_0"][j, 0].max() == index
+            assert batch["moments_0"][j, 1, 0, 0, 0] == v0
+            assert batch["moments_1"][j, 1, 0, 0, 0] == 10 + v1
+            views.append((v0, v1))
+    assert len(set(views)) == 4  # both views of both images, chosen independently
+    unflipped = _batches(_config(shard_dir, random_flip=False), 6, batch=batch_size, seed=seed)
+    assert all((b["moments_0"][:, 1] == 0).all() for b in unflipped)
+    assert all((b["moments_1"][:, 1] == 10).all() for b in unflipped)
+
+
+def _iterator(config, seed=0):
+    dataset, _ = data.make_dataset(config, global_batch_size=4, seed=seed, label_mode="majority")
+    return iter(dataset)
+
+
+def _assert_same_batches(a, b):
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_iterator_state_resumes_exactly(shard_dir, prefetch):
+    config = _config(shard_dir, drop_tied_labels=True, prefetch=prefetch)
+    iterator = _iterator(config)
+    for _ in range(5):
+        next(iterator)
+    state = iterator.get_state()
+    expected = [next(iterator) for _ in range(6)]
+    fresh = _iterator(config)
+    fresh.set_state(state)
+    _assert_same_batches(expected, [next(fresh) for _ in range(6)])
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_orbax_round_trip_of_the_iterator(shard_dir, tmp_path, prefetch):
+    config = _config(shard_dir, drop_tied_labels=True, prefetch=prefetch)
+    iterator = _iterator(config)
+    for _ in range(4):
+        next(iterator)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+        manager.save(
+            4, args=ocp.args.Composite(data=data.data_iterator_checkpoint_args(iterator, False))
+        )
+        manager.wait_until_finished()
+    expected = [next(iterator) for _ in range(5)]
+    restored = _iterator(config)
+    next(restored)  # a different position, overwritten by the restore
+    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+        out = manager.restore(
+            4, args=ocp.args.Composite(data=data.data_iterator_checkpoint_args(restored, True))
+        )
+    assert out["data"] is restored
+    _assert_same_batches(expected, [next(restored) for _ in range(5)])
+
+
+def test_worker_processes_give_a_checkpointable_epoch(shard_dir):
+    config = _config(shard_dir, num_workers=2, prefetch=1)
+    iterator = _iterator(config)
+    # worker w reads positions w, w + 2, ...: six batches are positions 0..23 of epoch 0
+    epoch = np.concatenate([next(iterator)["index"] for _ in range(6)])
+    assert len(set(epoch)) == 24 and set(epoch) <= set(range(NUM_RECORDS))
+    state = iterator.get_state()
+    expected = [next(iterator) for _ in range(3)]
+    iterator.close()
+    fresh = _iterator(config)
+    fresh.set_state(state)
+    _assert_same_batches(expected, [next(fresh) for _ in range(3)])
+    fresh.close()
+
+
+def test_read_records_by_global_index(shard_dir):
+    records = data.read_records(shard_dir, [0, 10, 29])
+    assert [r["prompt"] for r in records] == [
+        "prompt number 0",
+        "prompt number 10",
+        "prompt number 29",
+    ]
+    np.testing.assert_array_equal(
+        records[1]["moments_1"], _record(10)["moments_1"].astype(np.float16)
+    )
+    with pytest.raises(IndexError, match="out of range"):
+        data.read_records(shard_dir, [30])
+
+
+def test_to_global_batch_on_a_4x2_mesh():
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "fsdp"))
+    sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    batch = {
+        "moments_0": np.arange(16 * 2 * 3, dtype=np.float16).reshape(16, 2, 3),
+        "label": np.arange(16, dtype=np.int8),
+    }
+    out = data.to_global_batch(batch, sharding)
+    for key, value in batch.items():
+        assert out[key].sharding == sharding and out[key].dtype == value.dtype
+        np.testing.assert_array_equal(np.asarray(out[key]), value)
+        shards = out[key].addressable_shards
+        assert len(shards) == 8 and all(s.data.shape[0] == 2 for s in shards)
+
+
+def test_clear_errors(shard_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        data.read_dataset_info(str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="data path is empty"):
+        data.read_dataset_info("")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no manifest"):
+        data.read_dataset_info(str(empty))
+    (empty / schema.MANIFEST_NAME).write_text(json.dumps(_manifest([], np.zeros((1, K)))))
+    with pytest.raises(schema.SchemaError, match="empty shard set"):
+        data.read_dataset_info(str(empty))
+    old = tmp_path / "old"
+    old.mkdir()
+    manifest = _manifest([{"name": "x", "num_records": 1}], np.zeros((1, K)), version=0)
+    (old / schema.MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(schema.SchemaError, match="manifest.json: schema_version 0"):
+        data.read_dataset_info(str(old))
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for worker, shape in enumerate(([C, H, W], [C, 2 * H, 2 * W])):
+        manifest = _manifest([{"name": "x", "num_records": 1}], np.zeros((1, K)))
+        manifest["latent_shape"] = shape
+        (mixed / schema.manifest_name(worker, 2)).write_text(json.dumps(manifest))
+    with pytest.raises(schema.SchemaError, match="manifest-w001.json: latent_shape"):
+        data.read_dataset_info(str(mixed))
+    with pytest.raises(ValueError, match="unknown data.source"):
+        data.make_dataset(
+            _config(shard_dir, source="tfds"), global_batch_size=4, seed=0, label_mode="majority"
+        )
+    with pytest.raises(ValueError, match="not divisible"):
+        data.make_dataset(
+            _config(shard_dir), global_batch_size=5, seed=0, label_mode="majority", process_count=2
+        )
+
+
+def _one_shard_folder(folder, records, num_records=None, options="group_size:1"):
+    _write_shard(str(folder / "shard.array_record"), records, options)
+    count = len(records) if num_records is None else num_records
+    manifest = _manifest([{"name": "shard.array_record", "num_records": count}], np.zeros((1, K)))
+    (folder / schema.MANIFEST_NAME).write_text(json.dumps(manifest))
+    np.savez(folder / schema.EMPTY_PROMPT_NAME, text_embeds=np.zeros((L, D)))
+    return str(folder)
+
+
+def test_chunked_shards_get_a_performance_warning(shard_dir, tmp_path, caplog):
+    with caplog.at_level("WARNING"):
+        _iterator(_config(shard_dir))
+    assert "group_size" not in caplog.text
+    folder = _one_shard_folder(tmp_path, [_record(1), _record(2)], options="group_size:2")
+    with caplog.at_level("WARNING"):
+        _iterator(_config(folder))
+    assert "group_size:2" in caplog.text
+
+
+def test_record_with_another_version_fails_on_read(tmp_path):
+    encoded = schema.encode_record(_record(1))
+    patched = encoded.replace(b'"schema_version":1', b'"schema_version":7')
+    assert patched != encoded
+    iterator = _iterator(_config(_one_shard_folder(tmp_path, [patched])))
+    with pytest.raises(schema.SchemaError, match="schema_version 7"):
+        next(iterator)
+
+
+def test_stale_manifest_and_all_ties_fail_clearly(tmp_path):
+    (tmp_path / "a").mkdir()
+    stale = _one_shard_folder(tmp_path / "a", [_record(1), _record(2)], num_records=3)
+    with pytest.raises(schema.SchemaError, match="hold 2 records but the manifest says 3"):
+        _iterator(_config(stale))
+    os.remove(os.path.join(stale, "shard.array_record"))
+    with pytest.raises(FileNotFoundError, match="missing"):
+        data.read_dataset_info(stale)
+    (tmp_path / "b").mkdir()
+    ties = _one_shard_folder(tmp_path / "b", [_record(0), _record(5), _record(10)])
+    iterator = _iterator(_config(ties, drop_tied_labels=True))
+    with pytest.raises(ValueError, match="in a row are ties for label mode 'majority'"):
+        next(iterator)
+
+
+def test_synthetic_records_are_deterministic_and_consistent():
+    config = _config(
+        source="synthetic",
+        synthetic_num_records=24,
+        synthetic_num_scorers=3,
+        synthetic_pooled_dim=7,
+    )
+    batches = _batches(config, 6, batch=4, seed=5)
+    again = _batches(config, 6, batch=4, seed=5)
+    _assert_same_batches(batches, again)
+    other = _batches(config, 1, batch=4, seed=6)[0]
+    assert not np.array_equal(other["text_embeds"], batches[0]["text_embeds"])
+    epoch = np.concatenate([b["index"] for b in batches])
+    assert sorted(epoch) == list(range(24))
+    batch = batches[0]
+    assert batch["moments_0"].shape == (4, 2, 4, 8, 8) and batch["moments_0"].dtype == np.float16
+    assert batch["pooled_text_embeds"].shape == (4, 7)
+    assert batch["add_time_ids"].shape == (4, 6) and batch["add_time_ids"].dtype == np.float32
+    for b in batches:
+        for j in range(4):  # Eq. 6/7 by hand
+            s0, s1 = b["scores"][j, :, 0], b["scores"][j, :, 1]
+            votes = [1 if a >= c else -1 for a, c in zip(s0, s1, strict=True)]
+            assert list(b["votes"][j]) == votes and b["margin"][j] == sum(votes)
+            assert b["label"][j] == (1 if sum(votes) > 0 else -1)  # K = 3: no ties
+        assert set(b["human_label"]) <= {1.0, -1.0}
+    _, info = data.make_dataset(config, global_batch_size=4, seed=5, label_mode="majority")
+    assert info.num_records == 24 and info.num_scorers == 3 and info.pooled_dim == 7
+    assert info.empty_text_embeds.shape == (8, 32) and not info.empty_text_embeds.any()
+    assert info.score_mean.shape == info.score_std.shape == (3,)
+    assert synthetic.synthetic_dataset_info(config).scorer_names == info.scorer_names
+    all_scores = np.concatenate([b["scores"] for b in batches])  # [24, K, 2]
+    z = (all_scores - info.score_mean[None, :, None]) / info.score_std[None, :, None]
+    assert abs(z.mean()) < 0.5 and 0.6 < z.std() < 1.4  # the stats describe the scores
