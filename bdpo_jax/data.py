@@ -206,6 +206,15 @@ def read_dataset_info(path: str) -> DatasetInfo:
     missing = [name for name in names if name not in stats]
     if missing:
         raise schema.SchemaError(f"{path!r}: manifest score_stats lack scorers {missing}")
+    if manifest["views"] not in (1, 2):
+        raise schema.SchemaError(
+            f"{path!r}: manifest views must be 1 or 2, got {manifest['views']}"
+        )
+    if len(manifest["latent_shape"]) != 3 or len(manifest["text_shape"]) != 2:
+        raise schema.SchemaError(
+            f"{path!r}: manifest latent_shape must be [C, H, W] and text_shape [L, D], got "
+            f"{manifest['latent_shape']} and {manifest['text_shape']}"
+        )
     pooled_dim = None if manifest["pooled_dim"] in (None, 0) else int(manifest["pooled_dim"])
     empty_text, empty_pooled = _load_empty_prompt(path, manifest["text_shape"], pooled_dim)
     return DatasetInfo(

@@ -128,6 +128,30 @@ def _model_config_value(model: Any, name: str) -> Any:
         ) from e
 
 
+def decoder_for_config(config: Any, in_channels: int) -> tuple[Any, Any, float] | None:
+    """The `decoder` of sample_grid_for_training for a run config (load once, reuse).
+
+    None for pixel-space models (in_channels 3); otherwise the Flax VAE decoder of
+    config.sample.vae (a VAE folder, a pipeline folder or hub id) or, when that is empty, of
+    config.model.pretrained's 'vae' subfolder, with config.diffusion.vae_scaling_factor.
+    """
+    if in_channels == 3:
+        return None
+    from bdpo_jax import vae
+
+    source = str(config.sample.vae or config.model.pretrained or "")
+    if not source:
+        raise ValueError(
+            f"config.sample.vae: sample grids of a latent model ({in_channels} channels) need a "
+            "VAE; set config.sample.vae or config.model.pretrained, or config.train.sample_every=0"
+        )
+    subfolder = "vae"
+    if config.sample.vae and not os.path.isdir(os.path.join(source, "vae")):
+        subfolder = None  # a VAE folder itself (or a hub id of a bare VAE)
+    module, params = vae.load_vae_decoder(source, subfolder)
+    return module, params, float(config.diffusion.vae_scaling_factor)
+
+
 def sample_grid_for_training(
     model: Any,
     params: Any,
@@ -163,6 +187,11 @@ def sample_grid_for_training(
         size = _model_config_value(model, "sample_size")
         channels = _model_config_value(model, "in_channels")
         latent_shape = (channels, *((size, size) if isinstance(size, int) else size))
+    if decoder is None and latent_shape[0] != 3:
+        raise ValueError(
+            f"decoder=None needs a pixel-space model (3 channels), got {latent_shape[0]}; "
+            "pass decoder=(vae_module, vae_params, scaling_factor)"
+        )
     latents = sampling.sample(
         model,
         params,
@@ -178,11 +207,6 @@ def sample_grid_for_training(
         uncond_added_cond_kwargs=uncond_added_cond_kwargs,
     )
     if decoder is None:
-        if latents.shape[1] != 3:
-            raise ValueError(
-                f"decoder=None needs a pixel-space model (3 channels), got {latents.shape[1]}; "
-                "pass decoder=(vae_module, vae_params, scaling_factor)"
-            )
         images = np.asarray(np.clip(np.asarray(latents) / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1))
     else:
         from bdpo_jax import vae

@@ -61,7 +61,7 @@ def dpo_loss(
     ref_mse_1_B: jax.Array,
     ref_mse_2_B: jax.Array,
     label: jax.Array,
-    beta: float,
+    beta: float | jax.Array,
     weights_K: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Diffusion-DPO loss of B pairs and its metrics (scalars).

@@ -8,13 +8,15 @@ Rows: params, ref_params, optimizer state (each sharded by bdpo_jax.sharding's r
 (data, fsdp) mesh shape: no devices needed), gradients (same sharding as params) and an
 activation estimate: the residuals the policy's forward saves for the backward pass, traced with
 the per-device micro-batch of 2 x (batch / devices / accum) images (jax's saved_residuals),
-plus one reference forward's largest intermediate. XLA's real peak also holds temporaries; treat
-the estimate as a floor and leave ~20% headroom.
+and, as a separate row, the same without gradient checkpointing (an upper bound). With remat,
+XLA's real peak also holds one block's recomputed intermediates and temporaries: treat the total
+as a floor and leave headroom.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from typing import Any, NamedTuple
@@ -48,27 +50,34 @@ def _leaf_bytes_per_device(abstract: Any, mesh_shape: _MeshShape, rules, min_siz
 
 
 def _residual_bytes(model, abstract_params, x, t, text, added) -> int:
-    """Bytes the vjp of one forward saves (intermediates only, not the params themselves)."""
+    """Bytes the vjp of one forward saves (intermediates only, not params or inputs)."""
 
-    def f(p):
+    def f(p, x, t, text, added):
         return model.apply({"params": p}, x, t, text, added_cond_kwargs=added)
 
-    try:
-        from jax._src.ad_checkpoint import saved_residuals
+    from jax._src.ad_checkpoint import saved_residuals  # no public equivalent yet
 
-        res = saved_residuals(f, abstract_params)
-        return int(
-            sum(
-                np.prod(a.shape) * a.dtype.itemsize
-                for a, src in res
-                if not src.startswith("from the argument")
-            )
+    res = saved_residuals(f, abstract_params, x, t, text, added)
+    return int(
+        sum(
+            np.prod(a.shape, dtype=np.int64) * a.dtype.itemsize
+            for a, src in res
+            if not src.startswith("from the argument")
         )
-    except ImportError:  # public fallback: residual leaves of the vjp closure minus the params
-        vjp_fn = jax.eval_shape(lambda p: jax.vjp(f, p)[1], abstract_params)
-        leaves = jax.tree.leaves(vjp_fn)
-        p_bytes = sum(np.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(abstract_params))
-        return int(max(sum(np.prod(a.shape) * a.dtype.itemsize for a in leaves) - p_bytes, 0))
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_model(model_name: str, compute_dtype: str, remat: bool):
+    """(model, abstract params) of a real config, traced once per process."""
+    from bdpo_jax.models import UNet2DConditionModel, init_unet_params, presets
+
+    dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[compute_dtype]
+    model = UNet2DConditionModel.from_config(
+        presets.real_unet_config(model_name), param_dtype=jnp.float32, dtype=dtype, remat=remat
+    )
+    abstract = jax.eval_shape(lambda: init_unet_params(model, jax.random.PRNGKey(0)))
+    return model, abstract
 
 
 def memory_plan(
@@ -83,16 +92,14 @@ def memory_plan(
     remat: bool = True,
     rules=(),
     fsdp_min_size: int = 2**18,
+    activations: bool = True,
 ) -> dict[str, Any]:
     """The plan as a dict of bytes per device (and the inputs that produced it)."""
-    from bdpo_jax.models import UNet2DConditionModel, init_unet_params, presets
+    from bdpo_jax.models import UNet2DConditionModel, presets
 
     unet_cfg = presets.real_unet_config(model_name)
     dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[compute_dtype]
-    model = UNet2DConditionModel.from_config(
-        unet_cfg, param_dtype=jnp.float32, dtype=dtype, remat=remat
-    )
-    abstract_params = jax.eval_shape(lambda: init_unet_params(model, jax.random.PRNGKey(0)))
+    model, abstract_params = _abstract_model(model_name, compute_dtype, remat)
     ocfg = ml_collections.ConfigDict(
         dict(
             optimizer=optimizer,
@@ -133,7 +140,13 @@ def memory_plan(
             ),
             "time_ids": jax.ShapeDtypeStruct((2 * pairs, 6), jnp.float32),
         }
-    act = _residual_bytes(model, abstract_params, x, t, text, added)
+    act = _residual_bytes(model, abstract_params, x, t, text, added) if activations else 0
+    act_no_remat = act
+    if (
+        remat and activations
+    ):  # the upper bound: every intermediate saved (no gradient checkpointing)
+        plain = UNet2DConditionModel.from_config(unet_cfg, param_dtype=jnp.float32, dtype=dtype)
+        act_no_remat = _residual_bytes(plain, abstract_params, x, t, text, added)
     n_params = int(sum(np.prod(a.shape) for a in jax.tree.leaves(abstract_params)))
     rows = {
         "params": p_bytes,
@@ -143,6 +156,7 @@ def memory_plan(
         "activations": act,
     }
     rows["total"] = sum(rows.values())
+    rows["activations_without_remat"] = act_no_remat  # not in the total
     return {
         "model": model_name,
         "num_params": n_params,

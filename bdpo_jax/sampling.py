@@ -125,17 +125,22 @@ def schedule_config_from_diffusers(config_or_path: Mapping[str, Any] | str) -> S
 
 
 def schedule_config_from_config(config: Any) -> ScheduleConfig:
-    """Builds the ScheduleConfig of a run from its ml_collections config (configs/default.py)."""
-    d, s = config.diffusion, config.sample
+    """The ScheduleConfig of a run config: an ml_collections ConfigDict (configs/default.py) or
+    the dict of a workdir's config.json (its diffusion, sample and model sections)."""
+
+    def get(section: str, name: str) -> Any:
+        part = config[section] if isinstance(config, Mapping) else getattr(config, section)
+        return part[name] if isinstance(part, Mapping) else getattr(part, name)
+
     return ScheduleConfig(
-        num_train_timesteps=int(d.num_train_timesteps),
-        beta_schedule=str(d.beta_schedule),
-        beta_start=float(d.beta_start),
-        beta_end=float(d.beta_end),
-        prediction_type=str(config.model.prediction_type),
-        timestep_spacing=str(s.timestep_spacing),
-        steps_offset=int(s.steps_offset),
-        set_alpha_to_one=bool(s.set_alpha_to_one),
+        num_train_timesteps=int(get("diffusion", "num_train_timesteps")),
+        beta_schedule=str(get("diffusion", "beta_schedule")),
+        beta_start=float(get("diffusion", "beta_start")),
+        beta_end=float(get("diffusion", "beta_end")),
+        prediction_type=str(get("model", "prediction_type")),
+        timestep_spacing=str(get("sample", "timestep_spacing")),
+        steps_offset=int(get("sample", "steps_offset")),
+        set_alpha_to_one=bool(get("sample", "set_alpha_to_one")),
     )
 
 
@@ -143,7 +148,9 @@ def as_schedule_config(obj: ScheduleConfig | Mapping[str, Any] | Any) -> Schedul
     """Accepts a ScheduleConfig, a run config (with .diffusion), or a dict of its fields."""
     if isinstance(obj, ScheduleConfig):
         return obj
-    if hasattr(obj, "diffusion") and hasattr(obj, "sample"):
+    if (hasattr(obj, "diffusion") and hasattr(obj, "sample")) or (
+        isinstance(obj, Mapping) and "diffusion" in obj and "sample" in obj
+    ):
         return schedule_config_from_config(obj)
     if isinstance(obj, Mapping) or hasattr(obj, "to_dict"):
         items = dict(obj.to_dict() if hasattr(obj, "to_dict") else obj)
@@ -151,7 +158,8 @@ def as_schedule_config(obj: ScheduleConfig | Mapping[str, Any] | Any) -> Schedul
         unknown = sorted(set(items) - names)
         if unknown:
             raise ValueError(
-                f"schedule_config has unknown fields {unknown}; known: {sorted(names)}"
+                f"schedule_config has unknown fields {unknown}; known: {sorted(names)} "
+                "(pass the whole run config, or sampling.schedule_config_from_config(config))"
             )
         return ScheduleConfig(**items)
     raise TypeError(f"schedule_config must be a ScheduleConfig or a mapping, got {type(obj)}")
@@ -322,7 +330,6 @@ def _denoise_loop(
     do_cfg: bool,
 ) -> jax.Array:
     """The whole denoising loop (one fori_loop); CFG doubles the batch as diffusers does."""
-    batch = x_BxCxHxW.shape[0]
     if do_cfg:
         text = jnp.concatenate([uncond_BxLxD, text_BxLxD], axis=0)
         added = None
@@ -347,21 +354,26 @@ def _denoise_loop(
     x0 = jnp.zeros_like(x_BxCxHxW, jnp.float32)
     num_steps = table.timesteps.shape[0]
     x, _ = jax.lax.fori_loop(0, num_steps, body, (x_BxCxHxW.astype(jnp.float32), x0))
-    assert x.shape[0] == batch
     return x
 
 
-_LOOP_CACHE: dict[int, tuple[Any, Callable[..., jax.Array]]] = {}
+_LOOP_CACHE: dict[Any, tuple[Any, Callable[..., jax.Array]]] = {}
 
 
 def _jitted_loop(model: Any) -> Callable[..., jax.Array]:
-    """One jitted loop per model object (kept alive in the cache so its id stays unique)."""
-    hit = _LOOP_CACHE.get(id(model))
-    if hit is None or hit[0] is not model:
+    """One jitted loop per model: equal (hashable) Flax modules share it, so a model rebuilt
+    from the same config does not recompile; other objects are keyed by identity."""
+    try:
+        key: Any = ("eq", model)
+        hit = _LOOP_CACHE.get(key)
+    except TypeError:  # unhashable model: identity (the cache keeps it alive, so ids stay unique)
+        key = ("id", id(model))
+        hit = _LOOP_CACHE.get(key)
+    if hit is None:
         fn = jax.jit(functools.partial(_denoise_loop, model.apply), static_argnames=("do_cfg",))
         if len(_LOOP_CACHE) >= 8:
             _LOOP_CACHE.pop(next(iter(_LOOP_CACHE)))
-        hit = _LOOP_CACHE[id(model)] = (model, fn)
+        hit = _LOOP_CACHE[key] = (model, fn)
     return hit[1]
 
 
@@ -408,6 +420,9 @@ def sample(
         shape = shape[1:]
     if len(shape) != 3:
         raise ValueError(f"latent_shape must be (C, H, W) or (B, C, H, W), got {latent_shape}")
+    do_cfg = float(guidance_scale) > 1.0
+    if do_cfg and uncond_text is None:
+        raise ValueError(f"guidance_scale={guidance_scale} > 1 needs uncond_text embeddings")
     table = make_sampler_table(scheduler, num_steps, schedule_config)
     if init_noise_BxCxHxW is None:
         noise = jax.random.normal(rng, (batch, *shape), jnp.float32)
@@ -415,7 +430,6 @@ def sample(
         noise = jnp.asarray(init_noise_BxCxHxW, jnp.float32)
         if noise.shape != (batch, *shape):
             raise ValueError(f"init_noise has shape {noise.shape}, expected {(batch, *shape)}")
-    do_cfg = float(guidance_scale) > 1.0
     uncond = _broadcast_batch("uncond_text", uncond_text, batch) if do_cfg else text
     if added_cond_kwargs is not None:
         added_cond_kwargs = {

@@ -8,6 +8,7 @@ Any config field can be overridden: `--config.train.steps=12 --config.dpo.beta=2
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -184,17 +185,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
     return state
 
 
+@functools.lru_cache(maxsize=2)
+def _vae_decoder(path: str, subfolder: str | None):
+    from bdpo_jax import vae
+
+    module, params = vae.load_vae_decoder(path, subfolder=subfolder)
+    return module, params
+
+
 def _sample_grid(config, model, state, host_batch, info, workdir: str, step: int) -> None:
-    """A sample grid of the batch's first prompts (config.train.sample_every)."""
+    """WORKDIR/samples/step_N.png: the batch's first prompts sampled with the current params."""
     from bdpo_jax import grids
 
     n = min(4, host_batch["text_embeds"].shape[0])
     text = np.asarray(host_batch["text_embeds"][:n], np.float32)
-    uncond = np.asarray(info.empty_text_embeds, np.float32)[None]
-    prompts = [f"record {int(i)}" for i in host_batch.get("index", np.arange(n))[:n]]
+    uncond = np.repeat(np.asarray(info.empty_text_embeds, np.float32)[None], n, axis=0)
+    index = host_batch.get("index", np.arange(n))[:n]
+    prompts = [f"record {int(i)}" for i in index]
     if config.data.source == "shards":
-        records = data.read_records(config.data.path, [int(i) for i in host_batch["index"][:n]])
-        prompts = [r["prompt"] for r in records]
+        prompts = [
+            r["prompt"] for r in data.read_records(config.data.path, [int(i) for i in index])
+        ]
+    decoder = None
+    if info.latent_shape[0] != 3:  # latent model: decode with the VAE
+        if config.sample.vae:
+            vae_module, vae_params = _vae_decoder(config.sample.vae, None)
+        else:
+            vae_module, vae_params = _vae_decoder(config.model.pretrained, "vae")
+        decoder = (vae_module, vae_params, float(info.vae_scaling_factor))
+    added = uncond_added = None
+    if info.pooled_dim:
+        time_ids = np.asarray(host_batch["add_time_ids"][:n], np.float32)
+        added = {
+            "text_embeds": np.asarray(host_batch["pooled_text_embeds"][:n], np.float32),
+            "time_ids": time_ids,
+        }
+        uncond_added = {
+            "text_embeds": np.repeat(
+                np.asarray(info.empty_pooled_text_embeds, np.float32)[None], n, axis=0
+            ),
+            "time_ids": time_ids,
+        }
     path = os.path.join(workdir, "samples", f"step_{step:06d}.png")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     grids.sample_grid_for_training(
@@ -206,7 +237,11 @@ def _sample_grid(config, model, state, host_batch, info, workdir: str, step: int
         jax.random.PRNGKey(step),
         path,
         config.sample,
-        config.diffusion,
+        config,
+        decoder,
+        latent_shape=tuple(info.latent_shape),
+        added_cond_kwargs=added,
+        uncond_added_cond_kwargs=uncond_added,
     )
 
 

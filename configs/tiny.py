@@ -33,4 +33,9 @@ def get_config():
     config.train.log_every = 5
     config.train.checkpoint_every = 10
     config.train.keep_checkpoints = 2
+
+    # pure FSDP over every device: (1, 1) on one CPU, (1, 8) on the tests' 8 fake devices, where
+    # the tiny UNet's kernels (>= 1024 elements) are then sharded like a real model's
+    config.mesh.shape = (1, -1)
+    config.mesh.fsdp_min_size = 1024
     return config

@@ -17,6 +17,7 @@ import PIL.Image
 
 from bdpo_jax.demo import measures, world
 from scorers_torch.encoders import TEXT_ENCODERS
+from scorers_torch.generate import GENERATORS
 from scorers_torch.registry import SCORERS
 
 
@@ -31,7 +32,9 @@ class MeasureScorer:
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         values = [
-            self._measure(np.asarray(image.convert("RGB"), np.float32) / 255.0, world.parse_prompt(p))
+            self._measure(
+                np.asarray(image.convert("RGB"), np.float32) / 255.0, world.parse_prompt(p)
+            )
             for image, p in zip(images, prompts, strict=True)
         ]
         return np.asarray(values, dtype=np.float32)
@@ -78,3 +81,23 @@ class MiniLMTextEncoder:
 @TEXT_ENCODERS.register("minilm")
 def build_minilm(max_length: int = 16, device: str = "cpu", **_: object) -> MiniLMTextEncoder:
     return MiniLMTextEncoder(max_length=max_length, device=device)
+
+
+@GENERATORS.register("demo_jax")
+def build_demo_generator(
+    path: str,
+    *,
+    scheduler: str = "ddim",
+    steps: int = 20,
+    guidance: float = 3.0,
+    batch_size: int = 32,
+    **_: object,
+):
+    """A trainer workdir as an evaluation model (`--generator demo_jax --models base=W,...`)."""
+    from bdpo_jax.demo.generator import JaxGenerator
+
+    scheduler = "ddim" if scheduler == "default" else scheduler
+    return JaxGenerator(
+        path, text_encoder=TEXT_ENCODERS.build("minilm"), scheduler=scheduler, steps=steps,
+        guidance=guidance, batch_size=batch_size,
+    )  # fmt: skip

@@ -13,15 +13,18 @@ import dataclasses
 import glob
 import io
 import json
+import logging
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor
 
 import PIL.Image
 
 FORMATS = ("pickapic", "generic")
 PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
 GENERIC_COLUMNS = ("prompt", "image_0", "image_1")
+log = logging.getLogger(__name__)
 _BATCH_ROWS = 64  # parquet rows decoded at a time (Pick-a-Pic rows hold two JPEGs each)
 
 
@@ -227,3 +230,32 @@ def decode_image(source: bytes | str | None) -> PIL.Image.Image:
         except (OSError, PIL.Image.DecompressionBombError, SyntaxError, ValueError):
             raise ValueError("undecodable") from None
     return image.convert("RGB")
+
+
+def _decode_or_error(source: bytes | str) -> object:
+    """The decoded image, or the ValueError saying why it could not be decoded."""
+    try:
+        return decode_image(source)
+    except ValueError as err:
+        return err
+
+
+def decode_pairs(batch: list[Pair], counts: dict, pool: Executor) -> list[tuple]:
+    """(pair, image_0, image_1) of the decodable pairs, decoded on `pool`; the others are
+    counted in counts["skipped"][reason] and logged with their pair id and image."""
+    decoded = list(
+        pool.map(_decode_or_error, [src for p in batch for src in (p.image_0, p.image_1)])
+    )
+    good = []
+    for n, pair in enumerate(batch):
+        images = decoded[2 * n : 2 * n + 2]
+        named = zip(("image_0", "image_1"), images, strict=True)
+        bad = [(which, err) for which, err in named if isinstance(err, ValueError)]
+        if bad:
+            which, err = bad[0]
+            reason = f"{str(err).replace(' ', '_')}_image"
+            counts["skipped"][reason] = counts["skipped"].get(reason, 0) + 1
+            log.warning("skipping pair %s: %s is %s", pair.pair_id, which, err)
+        else:
+            good.append((pair, *images))
+    return good

@@ -13,12 +13,14 @@ the worker's manifest (bdpo_jax.schema.manifest_name) and empty_prompt.npz.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import importlib.metadata
 import json
 import logging
 import math
 import os
 import sys
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -33,7 +35,11 @@ log = logging.getLogger("scorers_torch.preprocess")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m scorers_torch.preprocess", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="python -m scorers_torch.preprocess",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--input", required=True, help="comma-separated files or globs")
     p.add_argument("--format", choices=inputs.FORMATS, default="pickapic")
     p.add_argument("--out", required=True, help="output folder of shards and manifest")
@@ -54,6 +60,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--worker-index", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="read only the first N input pairs")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--decode-threads", type=int, default=4, help="threads decoding/resizing images")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
                    help="dtype of the VAE and text encoders")  # fmt: skip
     args = p.parse_args(argv)
@@ -61,6 +68,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         (args.resolution > 0, "--resolution must be > 0"),
         (args.records_per_shard > 0, "--records-per-shard must be > 0"),
         (args.batch_size > 0, "--batch-size must be > 0"),
+        (args.decode_threads > 0, "--decode-threads must be > 0"),
         (args.num_workers > 0, "--num-workers must be > 0"),
         (0 <= args.worker_index < args.num_workers, "--worker-index must be in [0, --num-workers)"),
         (args.limit is None or args.limit >= 0, "--limit must be >= 0"),
@@ -97,11 +105,13 @@ def shard_positions(shard: int, slice_size: int, per_shard: int) -> list[int]:
 
 
 class Encoders:
-    """Scorers and encoders, built on first use (a rerun with every shard done loads none)."""
+    """Scorers and encoders, built on first use (scorers only when a shard is to be written)."""
 
     def __init__(self, args: argparse.Namespace, scorer_spec: dict, device: str):
         self.args, self.spec, self.device = args, scorer_spec, device
         self._scorers = self._latent = self._text = None
+        # PIL decodes and resizes without the GIL, so threads run them in parallel
+        self.pool = concurrent.futures.ThreadPoolExecutor(args.decode_threads)
 
     @property
     def scorers(self):
@@ -115,7 +125,7 @@ class Encoders:
             a = self.args
             self._latent = encoders.LATENT_ENCODERS.build(
                 a.latent_encoder, model=a.vae or a.base_model, device=self.device, dtype=a.dtype,
-                batch_size=max(2 * a.batch_size, 1), resolution=a.resolution,
+                batch_size=a.batch_size, resolution=a.resolution,
             )  # fmt: skip
         return self._latent
 
@@ -128,24 +138,6 @@ class Encoders:
                 resolution=a.resolution,
             )  # fmt: skip
         return self._text
-
-
-def _decode_pairs(batch: list[inputs.Pair], counts: dict) -> list[tuple]:
-    """(pair, image_0, image_1) of the decodable pairs; the others are counted and logged."""
-    good = []
-    for pair in batch:
-        images = []
-        for which, source in (("image_0", pair.image_0), ("image_1", pair.image_1)):
-            try:
-                images.append(inputs.decode_image(source))
-            except ValueError as err:
-                reason = f"{str(err).replace(' ', '_')}_image"
-                counts["skipped"][reason] = counts["skipped"].get(reason, 0) + 1
-                log.warning("skipping pair %s: %s is %s", pair.pair_id, which, err)
-                break
-        if len(images) == 2:
-            good.append((pair, *images))
-    return good
 
 
 def _score(models: Encoders, good: list[tuple]) -> np.ndarray:
@@ -164,7 +156,7 @@ def _score(models: Encoders, good: list[tuple]) -> np.ndarray:
 def process_batch(models: Encoders, batch: list[inputs.Pair], stats: dict) -> list[dict]:
     """Records of the kept pairs of `batch`; `stats` accumulates counts and per-pair arrays."""
     args, counts = models.args, stats["counts"]
-    good = _decode_pairs(batch, counts)
+    good = inputs.decode_pairs(batch, counts, models.pool)
     if not good:
         return []
     scores_BxKx2 = _score(models, good)
@@ -190,11 +182,12 @@ def process_batch(models: Encoders, batch: list[inputs.Pair], stats: dict) -> li
     kept = [i for i in range(len(good)) if keep_B[i]]
     if not kept:
         return []
-    pixels = [
-        encoders.preprocess_image(good[i][j], args.resolution, args.flip_views)
-        for j in (1, 2)
-        for i in kept
-    ]
+    pixels = list(
+        models.pool.map(
+            lambda image: encoders.preprocess_image(image, args.resolution, args.flip_views),
+            [good[i][j] for j in (1, 2) for i in kept],
+        )
+    )
     n, v = len(kept), pixels[0].shape[0]
     moments = models.latent.encode(np.concatenate(pixels))  # [2 * n * V, 2, C, h, w]
     moments = moments.reshape(2, n, v, *moments.shape[1:])
@@ -230,20 +223,36 @@ def new_shard_stats(positions: list[int], settings: dict) -> dict:
     }  # fmt: skip
 
 
-def _write_shard(out: str, name: str, pairs: list, models: Encoders, stats: dict, bar) -> None:
-    writer = shard_writer.ShardWriter(out, name)
-    try:
-        for start in range(0, len(pairs), models.args.batch_size):
-            batch = pairs[start : start + models.args.batch_size]
-            stats["counts"]["read"] += len(batch)
-            for record in process_batch(models, batch, stats):
-                writer.write(record)
-            bar.update(len(batch))
-    except BaseException:
-        writer.abort()
-        raise
-    stats["human_label"] = [None if math.isnan(h) else h for h in stats["human_label"]]
-    writer.commit(stats)
+class _ShardJob:
+    """One shard being written: pairs are scored and encoded a batch at a time."""
+
+    def __init__(self, out: str, name: str, stats: dict, models: Encoders, bar):
+        self.writer = shard_writer.ShardWriter(out, name)
+        self.stats, self.models, self.bar, self.batch = stats, models, bar, []
+        self.start = time.perf_counter()
+
+    def add(self, pair: inputs.Pair) -> None:
+        self.batch.append(pair)
+        if len(self.batch) == self.models.args.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.batch:
+            self.stats["counts"]["read"] += len(self.batch)
+            for record in process_batch(self.models, self.batch, self.stats):
+                self.writer.write(record)
+            self.bar.update(len(self.batch))
+            self.batch = []
+
+    def finish(self) -> None:
+        self.flush()
+        self.stats["human_label"] = [
+            None if math.isnan(h) else h for h in self.stats["human_label"]
+        ]
+        self.writer.commit(self.stats)
+        seconds, read = time.perf_counter() - self.start, self.stats["counts"]["read"]
+        log.info("%s: %d of %d pairs written, %.1f pairs/s", self.writer.name,
+                 self.writer.num_records, read, read / max(seconds, 1e-9))  # fmt: skip
 
 
 def _finished(out: str, name: str, positions: list[int], settings: dict) -> bool:
@@ -276,10 +285,12 @@ def run(args: argparse.Namespace) -> dict:
     slice_size = len(range(i, total, w))
     num_shards = math.ceil(slice_size / per_shard)
     names = [schema.shard_name(i, s) for s in range(num_shards)]
+
+    def positions_of(shard: int) -> list[int]:
+        return shard_positions(shard, slice_size, per_shard)
+
     todo = {
-        s
-        for s in range(num_shards)
-        if not _finished(args.out, names[s], shard_positions(s, slice_size, per_shard), settings)
+        s for s in range(num_shards) if not _finished(args.out, names[s], positions_of(s), settings)
     }
     log.info(
         "worker %d/%d: %d pairs, %d shards, %d to write", i, w, slice_size, num_shards, len(todo)
@@ -289,25 +300,27 @@ def run(args: argparse.Namespace) -> dict:
         return index % w == i and index < total and (index // w) // per_shard in todo
 
     models = Encoders(args, spec, encoders.resolve_device(args.device))
-    todo_pairs = sum(
-        shard_positions(s, slice_size, per_shard)[1] - shard_positions(s, slice_size, per_shard)[0]
-        for s in todo
-    )
-    bar = tqdm(total=todo_pairs, unit="pair", desc=f"worker {i}", disable=None)
-    current, pending = None, []
-    for pair in inputs.read_pairs(files, args.format, wanted=wanted, stop=total):
-        shard = (pair.index // w) // per_shard
-        if shard != current and current is not None:
-            positions = shard_positions(current, slice_size, per_shard)
-            stats = new_shard_stats(positions, settings)
-            _write_shard(args.out, names[current], pending, models, stats, bar)
-            pending = []
-        current = shard
-        pending.append(pair)
-    if current is not None:
-        stats = new_shard_stats(shard_positions(current, slice_size, per_shard), settings)
-        _write_shard(args.out, names[current], pending, models, stats, bar)
+    todo_pairs = sum(positions_of(s)[1] - positions_of(s)[0] for s in todo)
+    bar = tqdm(total=todo_pairs, unit="pair", desc=f"worker {i}", smoothing=0.05)
+    current, job = None, None
+    try:
+        for pair in inputs.read_pairs(files, args.format, wanted=wanted, stop=total):
+            shard = (pair.index // w) // per_shard
+            if shard != current:
+                if job is not None:
+                    job.finish()
+                current, stats = shard, new_shard_stats(positions_of(shard), settings)
+                job = _ShardJob(args.out, names[shard], stats, models, bar)
+            job.add(pair)
+        if job is not None:
+            job.finish()
+            job = None
+    except BaseException:
+        if job is not None:
+            job.writer.abort()  # an error (not a kill): remove the temp file now
+        raise
     bar.close()
+    models.pool.shutdown()
     sidecars = [shard_writer.read_sidecar(args.out, name) for name in names]
     empty = write_empty_prompt(args.out, models.text)
     moments = models.latent.encode(np.zeros((1, 3, args.resolution, args.resolution), np.float32))
@@ -323,7 +336,7 @@ def run(args: argparse.Namespace) -> dict:
         worker=(i, w),
     )
     path = os.path.join(args.out, schema.manifest_name(i, w))
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump(manifest, f, indent=1)
     os.replace(tmp, path)
@@ -353,7 +366,7 @@ def write_empty_prompt(out: str, text_encoder) -> dict[str, np.ndarray]:
     arrays = {"text_embeds": np.asarray(encoded["text_embeds"][0], np.float16)}
     if encoded.get("pooled_text_embeds") is not None:
         arrays["pooled_text_embeds"] = np.asarray(encoded["pooled_text_embeds"][0], np.float16)
-    tmp = os.path.join(out, schema.EMPTY_PROMPT_NAME + ".tmp.npz")
+    tmp = os.path.join(out, f"{schema.EMPTY_PROMPT_NAME}.{os.getpid()}.tmp.npz")  # workers race
     np.savez(tmp, **arrays)
     os.replace(tmp, os.path.join(out, schema.EMPTY_PROMPT_NAME))
     return arrays

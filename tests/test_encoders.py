@@ -1,17 +1,12 @@
 """Encoders against diffusers/transformers on tiny random models saved by the test."""
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import PIL.Image
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tiny_pipeline import build_clip_tokenizer, build_tiny_text_encoder, build_tiny_vae  # noqa: E402
-
-from scorers_torch import encoders  # noqa: E402
+from scorers_torch import encoders
+from tests.tiny_pipeline import build_clip_tokenizer, build_tiny_text_encoder, build_tiny_vae
 
 PROMPTS = ["a red cat on a mat", "", "two blue squares " * 20]  # the last one is truncated
 

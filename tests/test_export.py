@@ -139,9 +139,7 @@ def test_refuses_to_overwrite_without_force(setup, capsys):
 
 def test_failed_verification_leaves_nothing(setup, monkeypatch):
     root, _, _ = setup
-    real_save = export.save_unet if hasattr(export, "save_unet") else None
-    assert real_save is None  # export imports save_unet lazily from bdpo_jax.models
-    import bdpo_jax.models as models
+    import bdpo_jax.models as models  # export looks save_unet up there at call time
 
     original = models.save_unet
 
@@ -160,6 +158,9 @@ def test_failed_verification_leaves_nothing(setup, monkeypatch):
 
 def test_clear_errors(setup, tmp_path):
     root, base, _ = setup
+    with pytest.raises(export.ExportError, match="no unet_config.json"):
+        export.export(tmp_path, tmp_path / "o")
+    (tmp_path / "unet_config.json").write_text((root / "work" / "unet_config.json").read_text())
     with pytest.raises(export.ExportError, match="no checkpoints/"):
         export.export(tmp_path, tmp_path / "o")
     with pytest.raises(export.ExportError, match=r"--step 3: .*available: \[2, 4\]"):

@@ -9,6 +9,8 @@ the loss is not log 2. JAX side: the same weights through bdpo_jax.models.load_u
 stored order with the label as a multiplier. Loss and every parameter gradient must agree.
 """
 
+import copy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,7 +23,13 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 models = pytest.importorskip("bdpo_jax.models")
 
-BETA = 500.0  # keeps |inside| ~ 1 for this perturbation, so nothing saturates
+# The DPO loss is a difference of differences of per-image mse values (~1): with a reference
+# very close to the policy, fp32 rounding alone moves `inside` by ~1e-4 relative (torch fp32 vs
+# torch fp64 differ by 1.4e-5 in the gradient at REF_NOISE 0.02, beta 500). A reference 0.3 std
+# away and beta 50 keep the problem well conditioned (|inside| ~ 0.1-2, torch fp32 within 3e-6
+# of fp64), so a 1e-5 tolerance tests the formulas, not rounding.
+BETA = 50.0
+REF_NOISE = 0.3  # reference = policy + REF_NOISE * std(tensor) * N(0, 1), per tensor
 LABEL = np.array([1.0, -1.0, 1.0], np.float32)  # pair 2: image 2 wins
 
 
@@ -33,7 +41,7 @@ def setup(tmp_path_factory):
     ref = diffusers.UNet2DConditionModel.from_config(config).float()
     with torch.no_grad():  # reference = policy + small noise
         for p_ref, p in zip(ref.parameters(), policy.parameters(), strict=True):
-            p_ref.copy_(p + 0.02 * torch.randn_like(p) * (p.std() if p.numel() > 1 else 1.0))
+            p_ref.copy_(p + REF_NOISE * torch.randn_like(p) * (p.std() if p.numel() > 1 else 1.0))
     root = tmp_path_factory.mktemp("parity")
     policy.save_pretrained(root / "policy")
     ref.save_pretrained(root / "ref")
@@ -51,7 +59,7 @@ def setup(tmp_path_factory):
 
 
 def torch_dpo(policy, ref, data):
-    """The authors' loss and gradients (dict torch name -> numpy)."""
+    """The authors' loss and gradients (dict torch name -> numpy), in the dtype of `data`."""
     sched = diffusers.DDPMScheduler(
         num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
     )
@@ -66,19 +74,19 @@ def torch_dpo(policy, ref, data):
     noisy = sched.add_noise(latents, noise, timesteps)
     policy.zero_grad()
     pred = policy(noisy, timesteps, text).sample
-    model_losses = (pred.float() - noise.float()).pow(2).mean(dim=[1, 2, 3])
+    model_losses = (pred - noise).pow(2).mean(dim=[1, 2, 3])
     model_losses_w, model_losses_l = model_losses.chunk(2)
     model_diff = model_losses_w - model_losses_l
     with torch.no_grad():
         ref_pred = ref(noisy, timesteps, text).sample.detach()
-        ref_losses = (ref_pred.float() - noise.float()).pow(2).mean(dim=[1, 2, 3])
+        ref_losses = (ref_pred - noise).pow(2).mean(dim=[1, 2, 3])
         ref_losses_w, ref_losses_l = ref_losses.chunk(2)
         ref_diff = ref_losses_w - ref_losses_l
     inside_term = -0.5 * BETA * (model_diff - ref_diff)
     loss = -1 * torch.nn.functional.logsigmoid(inside_term).mean()
     loss.backward()
     grads = {n: p.grad.detach().numpy().copy() for n, p in policy.named_parameters()}
-    return float(loss), inside_term.detach().numpy(), grads
+    return float(loss.detach()), inside_term.detach().numpy(), grads
 
 
 def jax_dpo(root, data):
@@ -110,28 +118,42 @@ def jax_dpo(root, data):
     return float(loss), metrics, models.weights.params_to_torch_state(grads)
 
 
+def _global_rel(grads, truth):
+    diff_sq = sum(float(np.sum((grads[n] - truth[n]) ** 2)) for n in truth)
+    return np.sqrt(diff_sq / sum(float(np.sum(truth[n].astype(np.float64) ** 2)) for n in truth))
+
+
 def test_dpo_loss_and_gradients_match_pytorch(setup):
     root, policy, ref, data = setup
     loss_t, inside_t, grads_t = torch_dpo(policy, ref, data)
     loss_j, metrics_j, grads_j = jax_dpo(root, data)
+    # the same computation in torch float64: how far fp32 rounding alone moves the result
+    data64 = {k: v.astype(np.float64) if v.dtype == np.float32 else v for k, v in data.items()}
+    loss_64, _, grads_64 = torch_dpo(
+        copy.deepcopy(policy).double(), copy.deepcopy(ref).double(), data64
+    )
 
     assert abs(loss_t - np.log(2.0)) > 0.05, "reference too close to the policy: loss ~ log 2"
     assert np.all(np.abs(inside_t) < 20), f"inside saturates: {inside_t}"
     assert abs(loss_j - loss_t) <= 1e-5 * abs(loss_t), (loss_j, loss_t)
+    assert abs(loss_j - loss_64) <= 1e-5 * abs(loss_64), (loss_j, loss_64)
     np.testing.assert_allclose(
         float(metrics_j["implicit_accuracy"]), np.mean(inside_t > 0), atol=1e-6
     )
 
     assert set(grads_j) == set(grads_t), set(grads_j) ^ set(grads_t)
-    diff_sq = sum(float(np.sum((grads_j[n] - grads_t[n]) ** 2)) for n in grads_t)
-    norm_sq = sum(float(np.sum(grads_t[n] ** 2)) for n in grads_t)
-    global_rel = np.sqrt(diff_sq / norm_sq)
+    global_rel = _global_rel(grads_j, grads_t)
     per_tensor = {
         n: float(np.max(np.abs(grads_j[n] - grads_t[n])) / max(np.max(np.abs(grads_t[n])), 1e-12))
         for n in grads_t
     }
     worst = max(per_tensor, key=per_tensor.get)
-    print(f"loss torch {loss_t:.8f} jax {loss_j:.8f}; grad global rel {global_rel:.2e}; "
-          f"worst tensor {worst} {per_tensor[worst]:.2e}")  # fmt: skip
+    print(
+        f"loss torch {loss_t:.8f} jax {loss_j:.8f} torch-fp64 {loss_64:.8f}; grad global rel "
+        f"jax-torch {global_rel:.2e}, jax-fp64 {_global_rel(grads_j, grads_64):.2e}, "
+        f"torch-fp64 {_global_rel(grads_t, grads_64):.2e}; worst tensor {worst} "
+        f"{per_tensor[worst]:.2e}"
+    )
     assert global_rel <= 1e-5, global_rel
+    assert _global_rel(grads_j, grads_64) <= 1e-5
     assert per_tensor[worst] <= 1e-4, (worst, per_tensor[worst])

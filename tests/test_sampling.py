@@ -59,22 +59,24 @@ def _diffusers_run(name, num_steps, schedule_kwargs, noise, w, bias):
     return sched.timesteps.numpy().astype(np.float64), xs
 
 
-CASES = [
-    ("ddim", "epsilon", "leading", 10),
-    ("ddim", "v_prediction", "leading", 25),
-    ("ddim", "epsilon", "trailing", 7),
-    ("dpmpp", "epsilon", "leading", 10),
-    ("dpmpp", "v_prediction", "leading", 20),
-    ("dpmpp", "epsilon", "linspace", 16),
-    ("euler", "epsilon", "leading", 12),
-    ("euler", "v_prediction", "linspace", 9),
+CASES = [  # (scheduler, prediction type, timestep spacing, steps, other scheduler config)
+    ("ddim", "epsilon", "leading", 10, {}),
+    ("ddim", "epsilon", "linspace", 9, {"set_alpha_to_one": True, "beta_schedule": "linear"}),
+    ("ddim", "v_prediction", "leading", 25, {}),
+    ("ddim", "epsilon", "trailing", 7, {}),
+    ("dpmpp", "epsilon", "leading", 10, {}),
+    ("dpmpp", "v_prediction", "leading", 20, {}),
+    ("dpmpp", "epsilon", "linspace", 16, {"steps_offset": 0}),
+    ("euler", "epsilon", "leading", 12, {}),
+    ("euler", "v_prediction", "linspace", 9, {}),
+    ("euler", "epsilon", "trailing", 5, {"beta_schedule": "linear"}),
 ]
 
 
-@pytest.mark.parametrize("name,prediction_type,spacing,num_steps", CASES)
-def test_steps_match_diffusers(name, prediction_type, spacing, num_steps):
+@pytest.mark.parametrize("name,prediction_type,spacing,num_steps,extra", CASES)
+def test_steps_match_diffusers(name, prediction_type, spacing, num_steps, extra):
     w, bias, noise = _fixed_arrays()
-    kwargs = {"prediction_type": prediction_type, "timestep_spacing": spacing}
+    kwargs = {"prediction_type": prediction_type, "timestep_spacing": spacing, **extra}
     ref_ts, ref_xs = _diffusers_run(name, num_steps, kwargs, noise, w, bias)
 
     cfg = sampling.schedule_config_from_diffusers({**SD_SCHEDULER_CONFIG, **kwargs})
@@ -225,6 +227,16 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="scheduler_config.json"):
         sampling.schedule_config_from_diffusers(str(tmp_path))
     model = _FakeModel(*_fixed_arrays()[:2])
+    with pytest.raises(ValueError, match="needs uncond_text"):
+        sampling.sample(
+            model,
+            {"scale": 1.0},
+            np.zeros((2, 3, 8)),
+            None,
+            None,
+            num_steps=2,
+            latent_shape=SHAPE[1:],
+        )
     with pytest.raises(ValueError, match="uncond_text has batch 3"):
         sampling.sample(
             model,
@@ -235,3 +247,31 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
             num_steps=2,
             latent_shape=SHAPE[1:],
         )
+
+
+def test_schedule_config_from_run_config_and_json():
+    import json
+
+    from configs.default import get_config
+
+    config = get_config()
+    config.model.prediction_type = "v_prediction"
+    config.sample.timestep_spacing = "trailing"
+    want = sampling.ScheduleConfig(prediction_type="v_prediction", timestep_spacing="trailing")
+    assert sampling.schedule_config_from_config(config) == want
+    assert sampling.as_schedule_config(config) == want
+    as_json = json.loads(config.to_json())  # a workdir's config.json
+    assert sampling.as_schedule_config(as_json) == want
+    with pytest.raises(ValueError, match="vae_scaling_factor"):  # config.diffusion alone
+        sampling.as_schedule_config(config.diffusion)
+
+
+def test_equal_models_share_one_compiled_loop():
+    from bdpo_jax.models import UNet2DConditionModel
+    from bdpo_jax.models.presets import tiny_unet_config
+
+    a = UNet2DConditionModel.from_config(tiny_unet_config("sd15"))
+    b = UNet2DConditionModel.from_config(tiny_unet_config("sd15"))
+    c = UNet2DConditionModel.from_config(tiny_unet_config("sd15", in_channels=3))
+    assert sampling._jitted_loop(a) is sampling._jitted_loop(b)
+    assert sampling._jitted_loop(a) is not sampling._jitted_loop(c)

@@ -1,5 +1,8 @@
 """Mesh construction, the rules table, optimizer-state shardings and batch divisibility."""
 
+import math
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -117,3 +120,160 @@ def test_distributed_not_initialised_for_single_process(monkeypatch):
     monkeypatch.setenv("SLURM_NTASKS", "4")
     monkeypatch.setenv("BDPO_DISTRIBUTED", "0")
     assert sharding.maybe_initialize_distributed() is False
+
+
+# --- the train step on different meshes ------------------------------------------------------
+
+
+class _Probe(nn.Module):
+    """A small conditional denoiser with the UNet's call signature (compiles in ~1 s)."""
+
+    @nn.compact
+    def __call__(self, x_NCHW, t_N, text_NxLxD, added_cond_kwargs=None, train=False):
+        h = jnp.transpose(x_NCHW, (0, 2, 3, 1))
+        t_emb = jnp.sin(t_N.astype(jnp.float32)[:, None] / (1.0 + jnp.arange(16.0)) / 100)
+        cond = nn.Dense(16)(t_emb) + nn.Dense(16)(text_NxLxD.mean(axis=1))
+        h = nn.silu(nn.GroupNorm(4)(nn.Conv(16, (3, 3))(h)) + cond[:, None, None, :])
+        h = nn.silu(nn.Conv(16, (3, 3))(h))
+        return jnp.transpose(nn.Conv(x_NCHW.shape[1], (3, 3))(h), (0, 3, 1, 2))
+
+
+def _tiny_setup(config):
+    from bdpo_jax import data, train_step
+
+    ds, info = data.make_dataset(config.data, global_batch_size=8, seed=0, label_mode="majority")
+    host_batch = {k: v for k, v in next(iter(ds)).items() if k != "index"}
+    return info, host_batch, train_step.make_step_config(config, info)
+
+
+def _run_on_mesh(fns, cfg, info, host_state, host_batch, mesh, steps=2):
+    from bdpo_jax import data, train_step
+
+    state = jax.device_put(host_state, fns.shardings)
+    # beta 50, not tiny.py's 500: beta/2 multiplies float32 reduction-order differences
+    consts = train_step.make_consts(info, cfg, 50.0, mesh)
+    batch = data.to_global_batch(host_batch, fns.batch_sharding)
+    losses = []
+    for _ in range(steps):
+        state, metrics = fns.train_step(state, batch, consts)
+        losses.append(float(metrics["loss"]))
+    return losses, state
+
+
+def _assert_same(results, reference):
+    ref_losses, ref_state = results[reference]
+    assert abs(ref_losses[0] - math.log(2)) > 1e-3  # the comparison is not trivial
+    for name, (losses, state) in results.items():
+        np.testing.assert_allclose(losses, ref_losses, rtol=0, atol=1e-5, err_msg=name)
+        for a, b in zip(
+            jax.tree.leaves(jax.device_get(state.params)),
+            jax.tree.leaves(jax.device_get(ref_state.params)),
+            strict=True,
+        ):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def _perturbed_reference(state):
+    """A reference unlike the policy, so the loss is not log 2 on every mesh."""
+    host = jax.device_get(state)
+    return host.replace(ref_params=jax.tree.map(lambda x: x * 0.98, host.ref_params))
+
+
+def test_step_same_on_one_device_and_meshes_8x1_4x2_1x8():
+    """Two full train steps (loss, grads, clip, AdamW) of a probe denoiser: the same losses
+    (1e-5) and parameters on 1 device and on the 8-device meshes, its kernels FSDP-sharded."""
+    import functools
+
+    from bdpo_jax import train_state, train_step
+    from configs import tiny
+
+    config = tiny.get_config()
+    info, host_batch, cfg = _tiny_setup(config)
+    model = _Probe()
+    c, h, w = info.latent_shape
+    params = model.init(
+        jax.random.PRNGKey(0),
+        jnp.zeros((1, c, h, w)),
+        jnp.zeros((1,), jnp.int32),
+        jnp.zeros((1, *info.text_shape)),
+    )["params"]
+    tx, _ = cfg.optimizer()
+    host_state = _perturbed_reference(
+        train_state.init_state(model, tx, jax.random.PRNGKey(0), params)
+    )
+    results = {}
+    for name, shape, devices in [
+        ("1", (1, 1), jax.devices()[:1]),
+        ("8,1", (8, 1), None),
+        ("4,2", (4, 2), None),
+        ("1,8", (1, 8), None),
+    ]:
+        mesh = sharding.make_mesh(shape, devices=devices)
+        abstract = jax.eval_shape(lambda: host_state)
+        shardings = sharding.tree_shardings(abstract, mesh, (), min_size=64)
+        step = jax.jit(
+            functools.partial(
+                train_step.train_step, model=model, schedule=cfg.make_schedule(), static_cfg=cfg
+            ),
+            in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+            out_shardings=(shardings, sharding.replicated(mesh)),
+        )
+        fns = train_step.StepFunctions(step, None, shardings, sharding.batch_sharding(mesh), None)
+        results[name] = _run_on_mesh(fns, cfg, info, host_state, host_batch, mesh)
+    _assert_same(results, "1")
+    specs = {
+        s.spec
+        for s in jax.tree.leaves(results["1,8"][1].params, is_leaf=None)
+        for s in [s.sharding]
+    }
+    assert P(None, None, None, "fsdp") in specs  # conv kernels sharded over fsdp
+
+
+def test_tiny_unet_fsdp_1x8_matches_one_device():
+    """The real tiny UNet on tiny.py's mesh (1, 8), kernels FSDP-sharded, params + ref + Adam
+    states sharded alike, against one device."""
+    from bdpo_jax import train_state, train_step
+    from configs import tiny
+
+    config = tiny.get_config()
+    info, host_batch, cfg = _tiny_setup(config)
+    model, _, _ = train_state.build_model(
+        config.model, latent_shape=info.latent_shape, text_shape=info.text_shape, pooled_dim=None
+    )
+    min_size = int(config.mesh.fsdp_min_size)
+    results, host_state = {}, None
+    for name, mesh in [
+        ("1,8", sharding.make_mesh(config.mesh.shape)),
+        ("1", sharding.make_mesh((1, 1), devices=jax.devices()[:1])),
+    ]:
+        fns = train_step.make_step_functions(model, cfg, mesh, (), min_size)
+        if host_state is None:
+            host_state = _perturbed_reference(fns.inits.init_random(jax.random.PRNGKey(0)))
+        results[name] = _run_on_mesh(fns, cfg, info, host_state, host_batch, mesh)
+    _assert_same(results, "1")
+    sharded = results["1,8"][1]
+    specs = {x.sharding.spec for x in jax.tree.leaves(sharded.params)}
+    assert any("fsdp" in tuple(spec) for spec in specs)
+    mu = sharded.opt_state[1][0].mu
+    assert jax.tree.map(lambda x: x.sharding.spec, mu) == jax.tree.map(
+        lambda x: x.sharding.spec, sharded.params
+    )
+
+
+def test_memory_plan_counts_sd15_params_and_shards_them():
+    """The plan from eval_shape: SD1.5 has 859.5M UNet params; FSDP over 8 divides the bulk."""
+    from bdpo_jax import memory_plan
+
+    plan1 = memory_plan.memory_plan(
+        "sd15", mesh_shape=(1, 1), global_batch=8, grad_accum=1, latent_size=16, remat=True
+    )
+    plan8 = memory_plan.memory_plan(
+        "sd15", mesh_shape=(1, 8), global_batch=8, grad_accum=1, latent_size=16, remat=True
+    )
+    assert plan1["num_params"] == 859_520_964
+    rows1, rows8 = plan1["bytes_per_device"], plan8["bytes_per_device"]
+    assert rows1["params"] == 4 * 859_520_964
+    assert rows1["opt_state"] >= 2 * rows1["params"]  # Adam mu and nu
+    assert rows8["params"] < rows1["params"] / 7  # nearly everything sharded 8 ways
+    assert 0 < rows1["activations"] < rows1["activations_without_remat"]
+    assert "params" in memory_plan.format_table([plan1, plan8])

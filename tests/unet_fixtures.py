@@ -28,9 +28,9 @@ def random_diffusers_unet(config: dict[str, Any], seed: int = 0, std: float = 0.
     return model
 
 
-def save_random_unet(family: str, folder: Path, seed: int = 0):
-    """Builds ``random_diffusers_unet(tiny_unet_config(family))`` and saves it to ``folder``."""
-    model = random_diffusers_unet(tiny_unet_config(family), seed)
+def save_random_unet(family: str, folder: Path, seed: int = 0, **overrides: Any):
+    """A random tiny diffusers UNet of ``family`` (``overrides`` applied), saved to ``folder``."""
+    model = random_diffusers_unet({**tiny_unet_config(family), **overrides}, seed)
     model.save_pretrained(str(folder))
     return model
 

@@ -4,7 +4,8 @@ Mirrors diffusers/models/transformers/transformer_2d.py (continuous input), atte
 (BasicTransformerBlock, FeedForward), attention_processor.py (Attention + AttnProcessor2_0) and
 activations.py (GEGLU with exact GELU). Attention runs through ``jax.nn.dot_product_attention``;
 its XLA path already computes logits and softmax in fp32, which is what diffusers'
-``upcast_attention`` asks for, and cuDNN flash attention accumulates in fp32 too.
+``upcast_attention`` asks for, and cuDNN flash attention accumulates in fp32 too. The opt-in
+"chunked" choice (flash.py) is a plain-JAX flash attention, much faster on CPU.
 """
 
 from __future__ import annotations
@@ -13,17 +14,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bdpo_jax.models.flash import chunked_attention
 from bdpo_jax.models.norms import GroupNorm, LayerNorm
 from bdpo_jax.models.resnet import conv
 
-ATTENTION_CHOICES = ("auto", "xla", "cudnn")
+ATTENTION_CHOICES = ("auto", "xla", "cudnn", "chunked")
 
 
 def attention_implementation(choice: str, dtype: jnp.dtype, head_dim: int) -> str | None:
     """The ``implementation`` argument of jax.nn.dot_product_attention for a setting.
 
     "auto" picks "cudnn" on GPU for fp16/bf16 with head_dim a multiple of 8 and at most 128
-    (256 on Hopper or later), else the XLA path; "xla"/"cudnn" force one.
+    (256 on Hopper or later), else the XLA path; "xla"/"cudnn" force one. ("chunked", the
+    plain-JAX flash attention of flash.py, does not go through this function.)
     """
     if choice not in ATTENTION_CHOICES:
         raise ValueError(f"attention={choice!r} is not one of {ATTENTION_CHOICES}")
@@ -58,10 +61,13 @@ class Attention(nn.Module):
         q_BxTxNxH = q.reshape(b, t, self.heads, self.dim_head)
         k_BxSxNxH = k.reshape(b, s, self.heads, self.dim_head)
         v_BxSxNxH = v.reshape(b, s, self.heads, self.dim_head)
-        impl = attention_implementation(self.attention, self.dtype, self.dim_head)
-        o_BxTxNxH = jax.nn.dot_product_attention(
-            q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, implementation=impl
-        )
+        if self.attention == "chunked":
+            o_BxTxNxH = chunked_attention(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH)
+        else:
+            impl = attention_implementation(self.attention, self.dtype, self.dim_head)
+            o_BxTxNxH = jax.nn.dot_product_attention(
+                q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, implementation=impl
+            )
         return nn.Dense(d, name="to_out_0", **kw)(o_BxTxNxH.reshape(b, t, inner))
 
 

@@ -153,6 +153,9 @@ def unet_spec(config: dict[str, Any]) -> UNetSpec:
 
     Raises ValueError naming the field and value for anything the port does not implement.
     """
+    unknown = sorted(k for k in config if k not in DIFFUSERS_DEFAULTS and not k.startswith("_"))
+    if unknown:
+        raise ValueError(f"unknown UNet config field(s) {unknown}: not in diffusers' signature")
     cfg = dict(DIFFUSERS_DEFAULTS)
     cfg.update(config)
     for field, allowed in _FIXED.items():

@@ -30,6 +30,7 @@ from bdpo_jax.models.unet import UNet2DConditionModel, abstract_unet_params, con
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 FP16_WEIGHTS_NAME = "diffusion_pytorch_model.fp16.safetensors"
+FP16_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.fp16.json"
 CONFIG_NAME = "config.json"
 # torch module names that end in _<digit> themselves (not a folded list index)
 TORCH_NAMES_WITH_DIGITS = frozenset({"linear_1", "linear_2"})
@@ -74,7 +75,10 @@ def _list_names(names: list[str], limit: int = 20) -> str:
 def torch_state_to_params(
     state: dict[str, np.ndarray], abstract_params: Any, dtype: jnp.dtype, source: str
 ) -> dict[str, Any]:
-    """Maps a torch-named state dict onto the Flax tree of ``abstract_params`` (shape-checked)."""
+    """Maps a torch-named state dict onto the Flax tree of ``abstract_params`` (shape-checked).
+
+    Returns host numpy arrays of ``dtype``.
+    """
     flat = traverse_util.flatten_dict(abstract_params)
     by_torch = {flax_path_to_torch(p): p for p in flat}
     missing = sorted(set(by_torch) - set(state))
@@ -94,7 +98,7 @@ def torch_state_to_params(
                 f"{source}: tensor {name} has shape {state[name].shape}, the config needs "
                 f"{flax_to_torch_array(np.zeros(flat[path].shape, np.int8), path[-1]).shape}"
             )
-        out[path] = jnp.asarray(value, dtype=dtype)
+        out[path] = value.astype(jnp.dtype(dtype), copy=False)
     return traverse_util.unflatten_dict(out)
 
 
@@ -126,17 +130,28 @@ def _resolve_folder(path_or_hub_id: str | os.PathLike, subfolder: str | None) ->
     from huggingface_hub import snapshot_download
 
     prefix = f"{subfolder}/" if subfolder else ""
-    patterns = [f"{prefix}{CONFIG_NAME}", f"{prefix}*.safetensors", f"{prefix}*.index.json"]
-    try:
-        snapshot = snapshot_download(repo_id, allow_patterns=patterns)
-    except Exception as e:  # offline and not cached, unknown repo, no network
-        raise FileNotFoundError(
-            f"{repo_id}: could not get it from the hub or the local hub cache ({e})"
-        ) from e
-    folder = Path(snapshot) / subfolder if subfolder else Path(snapshot)
-    if not folder.is_dir():
+    # Fetch only what read_state_dict will read, in its order of preference (a repo's UNet folder
+    # often also holds .bin, non-EMA and fp16 copies of several GB each).
+    pattern_sets = [
+        [CONFIG_NAME, WEIGHTS_NAME],
+        [CONFIG_NAME, WEIGHTS_NAME + ".index.json", "diffusion_pytorch_model-*.safetensors"],
+        [CONFIG_NAME, FP16_WEIGHTS_NAME],
+        [CONFIG_NAME, FP16_INDEX_NAME, "diffusion_pytorch_model.fp16-*.safetensors"],
+    ]
+    folder = None
+    for names in pattern_sets:
+        try:
+            snapshot = snapshot_download(repo_id, allow_patterns=[prefix + n for n in names])
+        except Exception as e:  # offline and not cached, unknown repo, no network
+            raise FileNotFoundError(
+                f"{repo_id}: could not get it from the hub or the local hub cache ({e})"
+            ) from e
+        folder = Path(snapshot) / subfolder if subfolder else Path(snapshot)
+        if folder.is_dir() and (folder / names[1]).exists():
+            return folder
+    if folder is None or not folder.is_dir():
         raise FileNotFoundError(f"{repo_id}: snapshot has no subfolder {subfolder!r}")
-    return folder
+    return folder  # read_state_dict names what is missing
 
 
 def _read_safetensors(file: Path) -> dict[str, np.ndarray]:
@@ -154,7 +169,7 @@ def read_state_dict(folder: Path) -> dict[str, np.ndarray]:
         WEIGHTS_NAME,
         WEIGHTS_NAME + ".index.json",
         FP16_WEIGHTS_NAME,
-        "diffusion_pytorch_model.safetensors.index.fp16.json",
+        FP16_INDEX_NAME,
     ]
     for name in candidates:
         file = folder / name
@@ -198,6 +213,9 @@ def load_unet(
     **from_config_kwargs: Any,
 ) -> tuple[UNet2DConditionModel, dict[str, Any]]:
     """Loads a diffusers UNet folder (local path or hub id) as (model, params).
+
+    ``params`` are host numpy arrays (nothing is placed on a device), so a big model can go
+    straight to its sharding with ``jax.device_put(params, shardings)``.
 
     ``dtype`` is the dtype of the returned parameters (and the model's ``param_dtype``);
     ``from_config_kwargs`` go to ``UNet2DConditionModel.from_config`` (``dtype`` there is named

@@ -1,0 +1,88 @@
+"""The built-in CPU demo (python -m bdpo_jax.demo): a procedural world, 32x32 pixel-space UNet.
+
+The trainer fields are shared by the base SFT run and every DPO run; `config.demo` holds the
+demo's sizes and per-stage settings (bdpo_jax/demo/pipeline.py reads them). Every stage goes
+through the real code: preprocessing CLI, trainer, JAX sampler, evaluation protocol.
+
+    python -m bdpo_jax.demo --out demo_out            # this config
+    python -m bdpo_jax.demo --out demo_ci --ci        # configs/demo_ci.py (CI size)
+"""
+
+import ml_collections
+
+from configs import default
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = default.get_config()
+    config.model.pretrained = ""
+    config.model.unet_config = ""  # set by the demo: OUT/unet_config.json (bdpo_jax.demo.model)
+    config.model.compute_dtype = "float32"
+    config.model.remat = False
+    # v-prediction: x0 = sqrt(a) x_t - sqrt(1 - a) v stays bounded at high noise; with epsilon
+    # the few-hundred-step base model's x0 estimate (x_t - sqrt(1 - a) eps) / sqrt(a) blows up
+    # near t = 999 (1 / sqrt(a) ~ 150) and DDIM without clip_sample returns noise
+    config.model.prediction_type = "v_prediction"
+
+    # pixel space: identity "latents" in [-1, 1], DDPM's linear schedule
+    config.diffusion.beta_schedule = "linear"
+    config.diffusion.beta_start = 0.0001
+    config.diffusion.beta_end = 0.02
+    config.diffusion.vae_scaling_factor = 1.0
+
+    config.data.path = ""  # set by the demo per stage
+    config.data.random_flip = False  # a flip would move "left" objects to the right
+    config.dpo.proportion_empty_prompts = 0.1  # CFG needs the unconditional model too
+
+    config.optim.scale_lr = False
+    config.optim.weight_decay = 0.0
+    config.train.log_every = 10
+    config.train.checkpoint_every = 100000  # only the final step is saved
+    config.train.keep_checkpoints = 1
+    config.train.async_checkpoints = False
+
+    config.sample.scheduler = "ddim"
+    config.sample.timestep_spacing = "trailing"  # few-step DDIM starts at t = 999
+
+    d = config.demo = ml_collections.ConfigDict()
+    d.seed = 0  # seeds rendering, training, sampling and evaluation
+    d.channels = (16, 32, 32)  # UNet block_out_channels (attention at 16x16 and 8x8)
+    # stage 1-2: flawed renders and the base SFT run
+    d.sft_per_prompt = 8  # flawed renders per world prompt (180 prompts)
+    d.flaw_rate = 0.45  # probability of each flaw (colour, shape, position, blur), independent
+    # measured (seed 0, loaded 2-core machine): after 400 steps the base gets backgrounds right
+    # but draws faint noisy blobs, not yet recognisable shapes; it needs more steps than fit
+    # in the 15-minute budget at this size
+    d.base_steps = 400  # SFT optimiser steps
+    d.base_batch = 16  # SFT images per step
+    d.base_lr = 1e-3  # SFT Adam learning rate
+    d.base_warmup = 20  # SFT warm-up steps
+    # stage 3: on-policy pairs
+    d.pair_prompts = 0  # world prompts to sample pairs for (0 = all 180; spread evenly)
+    d.pairs_per_prompt = 1  # pairs sampled per prompt (2 images each, different seeds)
+    d.sample_steps = 8  # DDIM steps for pair sampling and evaluation
+    d.guidance = 3.0  # classifier-free guidance scale
+    d.sample_batch = 50  # images per sampler call (fixed: one compile)
+    # stage 4: DPO runs
+    d.dpo_steps = 40  # optimiser steps per run
+    d.dpo_batch = 8  # pairs per step
+    d.dpo_lr = 1e-4  # Adam learning rate
+    d.dpo_warmup = 5  # warm-up steps
+    d.beta = 1000.0  # Diffusion-DPO beta
+    d.ref_update_every = 20  # T for BalancedDPO (reference <- policy every T steps)
+    # name -> label mode (single:<scorer> for one scorer; '-noref' suffix: ref_update_every=0)
+    d.runs = (
+        "balanced=majority",
+        "colour=single:colour",
+        "shape=single:shape",
+        "position=single:position",
+        "sharpness=single:sharpness",
+        "weighted_sum=weighted_sum",
+        "score_sum=score_sum",
+        "balanced_noref=majority-noref",
+    )
+    # stage 5: evaluation (the paper's protocol: best of `eval_seeds`, win rates vs base)
+    d.eval_prompts = 30  # prompts, spread over the world (every 180/N-th prompt)
+    d.eval_seeds = 5  # images per prompt and model
+    d.grid_prompts = 6  # prompts in the image grid
+    return config

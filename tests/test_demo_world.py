@@ -1,0 +1,151 @@
+"""The demo world (bdpo_jax.demo.world), its measures, the demo scorers and the demo UNet config."""
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from bdpo_jax.demo import measures, model, world
+
+SPECS = world.all_specs()
+RANGES = {"colour": (0.0, 1.0), "shape": (1.0, 10.0), "position": (0.0, 100.0),
+          "sharpness": (-1.0, 1.0)}  # fmt: skip
+
+
+def test_world_has_180_distinct_prompts_that_parse_back():
+    prompts = [s.prompt for s in SPECS]
+    assert len(prompts) == 180 == len(set(prompts))
+    assert prompts[0] == "a red circle on a white background, top left"
+    assert [world.parse_prompt(p) for p in prompts] == SPECS
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    ["a red circle", "a purple circle on a white background, top left",
+     "a red circle on a white background, middle"],
+)  # fmt: skip
+def test_parse_rejects_prompts_outside_the_world(prompt):
+    with pytest.raises(ValueError, match="demo-world prompt|outside the demo world"):
+        world.parse_prompt(prompt)
+
+
+def test_render_draws_the_object_with_the_documented_area_colour_and_centre():
+    spec = world.Spec("blue", "square", "black", "bottom right")
+    image = world.render(spec)
+    assert image.shape == (32, 32, 3) and image.dtype == np.float32
+    blue = np.all(np.abs(image - world.OBJECT_COLOURS["blue"]) < 1e-6, axis=-1)
+    # 12% of 1024 px = 122.9 px of square: side 11.1 px, so ~100 px are fully covered
+    assert 90 <= blue.sum() <= 123
+    rows, cols = np.nonzero(blue)
+    assert abs(rows.mean() + 0.5 - 0.7 * 32) < 0.6 and abs(cols.mean() + 0.5 - 0.7 * 32) < 0.6
+    corner = image[0, 0]
+    np.testing.assert_allclose(corner, world.BACKGROUNDS["black"], atol=1e-6)
+
+
+def test_perfect_render_scores_at_the_top_of_each_documented_scale():
+    for spec in SPECS[::7]:
+        image = world.render(spec)
+        scores = {name: fn(image, spec) for name, fn in measures.MEASURES.items()}
+        for name, (lo, hi) in RANGES.items():
+            assert lo <= scores[name] <= hi, (spec, name, scores[name])
+        assert scores["colour"] > 0.7 and scores["shape"] > 8.0 and scores["position"] > 95.0
+
+
+def _flawed(spec: world.Spec) -> dict[str, np.ndarray]:
+    other_colour = next(c for c in world.OBJECT_COLOURS if c != spec.colour)
+    other_shape = next(s for s in world.SHAPES if s != spec.shape)
+    elsewhere = (0.5, 0.5) if spec.position != "center" else (0.3, 0.7)
+    return {
+        "colour": world.render(spec, colour=world.OBJECT_COLOURS[other_colour]),
+        "shape": world.render(spec, shape=other_shape),
+        "position": world.render(spec, centre_rc=elsewhere),
+        "sharpness": world.render(spec, blur_sigma=1.5),
+    }
+
+
+@pytest.mark.parametrize("flaw", sorted(measures.MEASURES))
+def test_each_flaw_lowers_its_own_measure_for_every_prompt(flaw):
+    for spec in SPECS:
+        perfect = measures.MEASURES[flaw](world.render(spec), spec)
+        flawed = measures.MEASURES[flaw](_flawed(spec)[flaw], spec)
+        assert flawed < perfect, (spec, flaw, flawed, perfect)
+
+
+def test_measures_are_independent_a_wrong_colour_keeps_shape_and_position():
+    spec = world.Spec("red", "triangle", "gray", "top right")
+    perfect, wrong = world.render(spec), _flawed(spec)["colour"]
+    assert measures.colour_score(wrong, spec) < 0.2 < 0.75 < measures.colour_score(perfect, spec)
+    for name in ("shape", "position"):
+        a, b = measures.MEASURES[name](perfect, spec), measures.MEASURES[name](wrong, spec)
+        assert abs(a - b) <= 0.02 * (RANGES[name][1] - RANGES[name][0]), (name, a, b)
+
+
+def test_hand_made_images_score_as_the_formulas_say():
+    spec = world.Spec("green", "square", "white", "center")
+    empty = np.broadcast_to(np.asarray(world.BACKGROUNDS["white"], np.float32), (32, 32, 3))
+    assert measures.colour_score(empty, spec) == 0.0
+    assert measures.shape_score(empty, spec) == 1.0
+    assert measures.position_score(empty, spec) == 0.0
+    assert measures.sharpness_score(empty, spec) == -1.0
+    # a hard-edged 8x8 green square exactly at the centre: exact colour, IoU 1, distance 0,
+    # every neighbour step is the full colour step (ratio 1 -> sharpness 1)
+    square = np.array(empty)
+    square[12:20, 12:20] = world.OBJECT_COLOURS["green"]
+    assert measures.colour_score(square, spec) == pytest.approx(1.0)
+    assert measures.shape_score(square, spec) == pytest.approx(10.0, abs=1e-4)
+    assert measures.position_score(square, spec) == pytest.approx(100.0)
+    assert measures.sharpness_score(square, spec) == pytest.approx(1.0)
+    # moved 8 px right: distance 8 of half-side 16 -> 50
+    moved = np.roll(square, 8, axis=1)
+    assert measures.position_score(moved, spec) == pytest.approx(50.0)
+
+
+def test_render_flawed_flaw_rates_are_independent_and_as_given():
+    rng = np.random.default_rng(0)
+    spec = world.Spec("yellow", "circle", "black", "bottom left")
+    rates = world.FlawRates(colour=0.5, shape=0.0, position=0.0, blur=0.0)
+    colours = [world.render_flawed(spec, rates, rng) for _ in range(200)]
+    wrong = [measures.colour_score(img, spec) < 0.5 for img in colours]
+    assert 0.38 < np.mean(wrong) < 0.62
+    assert min(measures.shape_score(img, spec) for img in colours) > 8.5
+    none = world.FlawRates(0.0, 0.0, 0.0, 0.0)
+    clean = world.render_flawed(spec, none, rng)
+    assert measures.position_score(clean, spec) > 90
+
+
+def test_demo_scorers_match_the_measures_on_png_round_trips():
+    from scorers_torch import demo_plugins  # noqa: F401  (registers the scorers)
+    from scorers_torch.scorers.base import build_scorers
+
+    scorers = build_scorers({name: {} for name in measures.MEASURES})
+    specs = SPECS[:3]
+    images = [world.render(s, blur_sigma=1.0 * i) for i, s in enumerate(specs)]
+    pil = [PIL.Image.fromarray(np.round(i * 255).astype(np.uint8)) for i in images]
+    prompts = [s.prompt for s in specs]
+    for name, scorer in scorers.items():
+        got = scorer.score(pil, prompts)
+        assert got.dtype == np.float32 and got.shape == (3,)
+        want = [measures.MEASURES[name](np.asarray(p, np.float32) / 255, s)
+                for p, s in zip(pil, specs, strict=True)]  # fmt: skip
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    with pytest.raises(ValueError, match="not a demo-world prompt"):
+        scorers["colour"].score(pil[:1], ["a cat"])
+
+
+def test_demo_unet_config_builds_the_same_network_in_diffusers_and_flax():
+    import diffusers
+    import jax
+
+    from bdpo_jax.models import UNet2DConditionModel
+
+    cfg = model.demo_unet_config((8, 16), cross_attention_dim=24)
+    torch_model = diffusers.UNet2DConditionModel.from_config(cfg)
+    flax_model = UNet2DConditionModel.from_config(cfg)
+    shapes = jax.eval_shape(
+        flax_model.init, jax.random.PRNGKey(0), np.zeros((1, 3, 32, 32), np.float32),
+        np.zeros((1,), np.float32), np.zeros((1, 4, 24), np.float32),
+    )  # fmt: skip
+    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+    assert count == sum(p.numel() for p in torch_model.parameters())
+    assert cfg["down_block_types"][0] == "DownBlock2D"  # no attention at 32x32
+    with pytest.raises(ValueError, match="at least 2 levels"):
+        model.demo_unet_config((8,))
