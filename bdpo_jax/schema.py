@@ -82,7 +82,7 @@ def validate_record(record: Mapping[str, object]) -> None:
     for name in STRING_FIELDS:
         if not isinstance(record.get(name), str):
             raise SchemaError(f"record field {name!r} must be a str, got {type(record.get(name))}")
-    for name, (dtype, ndim, required) in ARRAY_FIELDS.items():
+    for name, (_dtype, ndim, required) in ARRAY_FIELDS.items():
         if name not in record:
             if required:
                 raise SchemaError(f"record is missing required field {name!r}")

@@ -181,6 +181,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
         manager.wait_until_finished()
         manager.close()
         writer.close()
+        close_iterator = getattr(data_iter, "close", None)
+        if close_iterator is not None:  # stops Grain's worker processes, if any
+            close_iterator()
     metrics_writer.plot_curves(workdir)
     return state
 

@@ -13,6 +13,7 @@ the worker's manifest (bdpo_jax.schema.manifest_name) and empty_prompt.npz.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import concurrent.futures
 import importlib.metadata
 import json
@@ -144,12 +145,24 @@ def _score(models: Encoders, good: list[tuple]) -> np.ndarray:
     """float32 [B, K, 2] scores of image 0 and image 1 by every scorer."""
     images = [g[1] for g in good] + [g[2] for g in good]
     prompts = [g[0].prompt for g in good] * 2
+    # each distinct (prompt, pixels) is scored once: two identical images of a pair then get
+    # bit-identical scores (a tie), whatever the batch position does to the float rounding
+    unique_of: dict[tuple, int] = {}
+    slot = [
+        unique_of.setdefault((p, im.mode, im.size, hashlib.sha1(im.tobytes()).digest()), i)
+        for i, (p, im) in enumerate(zip(prompts, images, strict=True))
+    ]
+    firsts = sorted(set(slot))
+    rows = np.searchsorted(firsts, slot)
     per_scorer = []
     for name, scorer in models.scorers.items():
-        s = np.asarray(scorer.score(images, prompts), dtype=np.float32)
-        if s.shape != (len(images),):
-            raise ValueError(f"scorer {name!r} returned shape {s.shape}, expected ({len(images)},)")
-        per_scorer.append(s.reshape(2, len(good)).T)
+        s = np.asarray(
+            scorer.score([images[i] for i in firsts], [prompts[i] for i in firsts]),
+            dtype=np.float32,
+        )
+        if s.shape != (len(firsts),):
+            raise ValueError(f"scorer {name!r} returned shape {s.shape}, expected ({len(firsts)},)")
+        per_scorer.append(s[rows].reshape(2, len(good)).T)
     return np.stack(per_scorer, axis=1)
 
 

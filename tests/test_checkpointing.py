@@ -15,13 +15,13 @@ from configs import tiny
 NUM_SCORERS = 4
 
 
-def _config(steps: int, **data_overrides):
+def _config(steps: int, ref_every: int = 4, **data_overrides):
     config = tiny.get_config()
     config.train.steps = steps
     config.train.checkpoint_every = 100  # only the final step: Orbax saves dominate test time
     config.train.log_every = 5
     config.train.progress_bar = False
-    config.dpo.ref_update_every = 4  # refreshes at 4 and 8 straddle the restart at 7
+    config.dpo.ref_update_every = ref_every  # refreshes before and after the restart
     for key, value in data_overrides.items():
         config.data[key] = value
     return config
@@ -32,13 +32,16 @@ def _leaves_equal(a, b) -> None:
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def _assert_resume_exact(tmp_path, **data_overrides):
-    straight = train.train_and_evaluate(_config(12, **data_overrides), str(tmp_path / "straight"))
+def _assert_resume_exact(tmp_path, total=12, stop=7, ref_every=4, **data_overrides):
+    """A run stopped after `stop` steps and restarted to `total` equals a straight run."""
+    straight = train.train_and_evaluate(
+        _config(total, ref_every, **data_overrides), str(tmp_path / "straight")
+    )
     workdir = str(tmp_path / "resumed")
-    stopped = train.train_and_evaluate(_config(7, **data_overrides), workdir)
-    assert int(stopped.step) == 7
-    resumed = train.train_and_evaluate(_config(12, **data_overrides), workdir)
-    assert int(resumed.step) == int(straight.step) == 12
+    stopped = train.train_and_evaluate(_config(stop, ref_every, **data_overrides), workdir)
+    assert int(stopped.step) == stop
+    resumed = train.train_and_evaluate(_config(total, ref_every, **data_overrides), workdir)
+    assert int(resumed.step) == int(straight.step) == total
     for field in ("params", "ref_params", "opt_state", "rng"):
         _leaves_equal(getattr(straight, field), getattr(resumed, field))
     # the policy moved during the run (the comparison is not trivially true)
@@ -121,7 +124,8 @@ def _write_shards(folder, num_records: int = 40, shards: int = 2) -> str:
 
 def test_resume_is_exact_on_shards(tmp_path):
     path = _write_shards(tmp_path / "shards")
-    _assert_resume_exact(tmp_path, source="shards", path=path)
+    # refreshes at 2 and 4 straddle the restart at 3; the shard iterator state is restored
+    _assert_resume_exact(tmp_path, total=5, stop=3, ref_every=2, source="shards", path=path)
 
 
 def test_init_from_a_diffusers_folder(tmp_path):

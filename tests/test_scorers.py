@@ -299,7 +299,7 @@ def test_parse_scorer_spec(tmp_path):
 @pytest.mark.parametrize(
     "names,content,match",
     [
-        ("nosuch", None, "unknown scorer 'nosuch'; known scorers: aesthetic, clip, .*pickscore"),
+        ("nosuch", None, "unknown scorer 'nosuch'; known scorers: .*aesthetic.*clip.*pickscore"),
         ("hps", {"hps": {"batchsize": 4}}, r"key 'hps'.*no option\(s\) \['batchsize'\]"),
         ("hps", {"hsp": {}}, "key 'hsp'.*unknown scorer 'hsp'"),
         ("aesthetic", None, r"needs option\(s\) \['checkpoint'\]"),

@@ -364,7 +364,8 @@ def tiny_unet():
         config.model, latent_shape=info.latent_shape, text_shape=info.text_shape, pooled_dim=None
     )
     cfg = ts.make_step_config(config, info)
-    mesh = sharding.make_mesh(config.mesh.shape)
+    # one device: the 8-device FSDP step of the same model is tests/test_sharding.py's job
+    mesh = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
     fns = ts.make_step_functions(model, cfg, mesh, (), int(config.mesh.fsdp_min_size))
     consts = ts.make_consts(info, cfg, float(config.dpo.beta), mesh)
     state0 = fns.inits.init_random(jax.random.PRNGKey(0))
