@@ -17,4 +17,4 @@ lint:
 	$(PYTHON) -m ruff format --check . && $(PYTHON) -m ruff check .
 
 bench:
-	$(PYTHON) bench/unet.py && $(PYTHON) bench/data.py && $(PYTHON) bench/train_step.py
+	$(PYTHON) bench/unet.py && $(PYTHON) bench/data.py && $(PYTHON) bench/preprocess.py && $(PYTHON) bench/train_step.py

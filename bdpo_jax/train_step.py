@@ -106,6 +106,10 @@ def make_consts(info: Any, cfg: StepConfig, beta: float, mesh: Any) -> dict[str,
         consts["empty_pooled_text_embeds"] = np.asarray(info.empty_pooled_text_embeds, np.float32)
     if cfg.weights is not None:
         consts["weights_K"] = np.asarray(cfg.weights, np.float32)
+    if cfg.label_mode == "single":
+        onehot_K = np.zeros(len(cfg.scorer_names), np.float32)
+        onehot_K[cfg.scorer_names.index(cfg.scorer)] = 1.0
+        consts["scorer_onehot_K"] = onehot_K
     return jax.device_put(consts, sharding.replicated(mesh))
 
 
@@ -164,11 +168,25 @@ def _micro_step(params, ref_params, mb, label, rng, consts, *, model, schedule, 
     )
 
     if cfg.label_mode == "sft":
+        # only the winner (label = its index) is trained on, as Diffusion-DPO's --sft loads only
+        # winners: one UNet call on B images with the pair's noise and timestep
+        winner_first = (label == 0)[:, None, None, None]
+        x0_w = jnp.where(winner_first, x0_1, x0_2)
+        mse_w = functools.partial(
+            _per_image_mse,
+            model,
+            xt_2BxCxHxW=schedules.add_noise(schedule, x0_w, eps_BxCxHxW, t_B),
+            t_2B=t_B,
+            text_2BxLxD=text_BxLxD,
+            added=None if added is None else jax.tree.map(lambda x: x[:b], added),
+            target_2BxCxHxW=schedules.training_target(
+                schedule, x0_w, eps_BxCxHxW, t_B, cfg.prediction_type
+            ),
+        )
 
         def loss_fn(p):
-            err_2B = mse(p)
-            mse_w_B = jnp.where(label == 0, err_2B[:b], err_2B[b:])  # label = winner index
-            return loss_lib.sft_loss(mse_w_B), {"model_mse": err_2B.mean()}
+            mse_w_B = mse_w(p)
+            return loss_lib.sft_loss(mse_w_B), {"model_mse": mse_w_B.mean()}
     else:
         ref_2B = jax.lax.stop_gradient(mse(ref_params))
 
@@ -222,18 +240,22 @@ def train_step(
     cfg = static_cfg
     rng = jax.random.fold_in(state.rng, state.step)
     k_label, k_step = jax.random.split(rng)
-    label = labels_lib.label_for_batch(
-        cfg.label_mode,
-        batch,
-        scorer_names=cfg.scorer_names,
-        scorer=cfg.scorer,
-        weights=consts.get("weights_K"),
-        score_std=consts.get("score_std_K"),
-        rng=k_label,
-        smpo_lo=cfg.smpo_lo,
-        smpo_hi=cfg.smpo_hi,
-        smpo_scale=cfg.smpo_scale,
-    )
+    if cfg.label_mode == "single":
+        # the scorer is a runtime one-hot (consts), so runs on different scorers share a compile
+        label = jnp.asarray(batch["votes"], jnp.float32) @ consts["scorer_onehot_K"]
+    else:
+        label = labels_lib.label_for_batch(
+            cfg.label_mode,
+            batch,
+            scorer_names=cfg.scorer_names,
+            scorer=cfg.scorer,
+            weights=consts.get("weights_K"),
+            score_std=consts.get("score_std_K"),
+            rng=k_label,
+            smpo_lo=cfg.smpo_lo,
+            smpo_hi=cfg.smpo_hi,
+            smpo_scale=cfg.smpo_scale,
+        )
     inputs = {k: v for k, v in batch.items() if k in _MODEL_INPUTS}
     micro = functools.partial(_micro_step, model=model, schedule=schedule, cfg=cfg)
     a = cfg.grad_accum_steps

@@ -50,21 +50,20 @@ def get_config() -> ml_collections.ConfigDict:
     # stage 1-2: flawed renders and the base SFT run
     d.sft_per_prompt = 8  # flawed renders per world prompt (180 prompts)
     d.flaw_rate = 0.45  # probability of each flaw (colour, shape, position, blur), independent
-    # measured (seed 0, loaded 2-core machine): after 400 steps the base gets backgrounds right
-    # but draws faint noisy blobs, not yet recognisable shapes; it needs more steps than fit
-    # in the 15-minute budget at this size
-    d.base_steps = 400  # SFT optimiser steps
+    # the 15-minute budget on 2 cores sets the sizes below: the base gets backgrounds and
+    # colours roughly right but draws blobs rather than shapes (measured, seed 0)
+    d.base_steps = 260  # SFT optimiser steps
     d.base_batch = 16  # SFT images per step
     d.base_lr = 1e-3  # SFT Adam learning rate
     d.base_warmup = 20  # SFT warm-up steps
     # stage 3: on-policy pairs
     d.pair_prompts = 0  # world prompts to sample pairs for (0 = all 180; spread evenly)
     d.pairs_per_prompt = 1  # pairs sampled per prompt (2 images each, different seeds)
-    d.sample_steps = 8  # DDIM steps for pair sampling and evaluation
+    d.sample_steps = 6  # DDIM steps for pair sampling and evaluation
     d.guidance = 3.0  # classifier-free guidance scale
     d.sample_batch = 50  # images per sampler call (fixed: one compile)
     # stage 4: DPO runs
-    d.dpo_steps = 40  # optimiser steps per run
+    d.dpo_steps = 30  # optimiser steps per run
     d.dpo_batch = 8  # pairs per step
     d.dpo_lr = 1e-4  # Adam learning rate
     d.dpo_warmup = 5  # warm-up steps

@@ -196,7 +196,7 @@ def _probe_setup(pooled: bool = False, **overrides):
     return model, cfg, info, state, batch, consts, step
 
 
-def _manual_loss(model, cfg, info, state, batch, consts, prediction_type="epsilon"):
+def _manual_loss(model, cfg, info, state, batch, consts, prediction_type="epsilon", label=None):
     """The authors' recipe written out in numpy from the documented key derivation."""
     rng = jax.random.fold_in(state.rng, state.step)
     _, k_step = jax.random.split(rng)
@@ -248,7 +248,7 @@ def _manual_loss(model, cfg, info, state, batch, consts, prediction_type="epsilo
 
     m1, m2 = err(state.params, x1), err(state.params, x2)
     r1, r2 = err(state.ref_params, x1), err(state.ref_params, x2)
-    label = np.asarray(batch["label"], np.float64)
+    label = np.asarray(batch["label"] if label is None else label, np.float64)
     inside = -0.5 * float(consts["beta"]) * label * ((m1 - m2) - (r1 - r2))
     return {
         "loss": np.mean(np.logaddexp(0.0, -inside)),
@@ -256,6 +256,8 @@ def _manual_loss(model, cfg, info, state, batch, consts, prediction_type="epsilo
         "model_mse": 0.5 * (m1.mean() + m2.mean()),
         "ref_mse": 0.5 * (r1.mean() + r2.mean()),
         "model_diff": np.mean(label * (m1 - m2)),
+        # plain SFT on the majority winner (image 1 on a tie), same noise and timestep
+        "sft_loss": np.mean(np.where(label >= 0, m1, m2)),
     }
 
 
@@ -279,6 +281,38 @@ def test_step_loss_equals_manual_recipe(pooled, overrides):
     assert float(metrics["implicit_accuracy"]) == pytest.approx(want["implicit_accuracy"])
     assert int(new_state.step) == 1
     assert np.isfinite(float(metrics["grad_norm"])) and float(metrics["grad_norm"]) > 0
+
+
+def test_single_scorer_steps_use_that_scorers_votes_and_share_one_program():
+    *_, batch, _, _ = _probe_setup()
+    votes_BxK, majority_B = np.asarray(batch["votes"]), np.asarray(batch["label"])
+    # two scorers whose votes differ from the majority's and from each other's
+    minority = [k for k in range(votes_BxK.shape[1]) if (votes_BxK[:, k] != majority_B).any()]
+    picked = next(
+        (a, b)
+        for a in minority
+        for b in minority
+        if a < b and (votes_BxK[:, a] != votes_BxK[:, b]).any()
+    )
+    programs = []
+    for k in picked:
+        model, cfg, info, state, batch, consts, step = _probe_setup(
+            label__mode="single", label__scorer=f"synthetic_{k}"
+        )
+        _, metrics = step(state, batch, consts)
+        want = _manual_loss(model, cfg, info, state, batch, consts, label=votes_BxK[:, k])
+        assert float(metrics["loss"]) == pytest.approx(want["loss"], rel=1e-4)
+        programs.append(step.lower(state, batch, consts).as_text())
+    assert programs[0] == programs[1]  # the scorer is a runtime input, not a compile key
+
+
+def test_sft_step_is_the_mean_mse_of_the_winners():
+    model, cfg, info, state, batch, consts, step = _probe_setup(label__mode="sft")
+    assert {-1.0, 1.0} <= set(np.asarray(batch["label"]).tolist())  # both winners occur
+    _, metrics = step(state, batch, consts)
+    want = _manual_loss(model, cfg, info, state, batch, consts, cfg.prediction_type)
+    assert float(metrics["loss"]) == pytest.approx(want["sft_loss"], rel=2e-6)
+    assert float(metrics["model_mse"]) == pytest.approx(want["sft_loss"], rel=2e-6)
 
 
 def test_all_prompts_dropped_equals_empty_text_input():
