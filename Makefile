@@ -14,7 +14,7 @@ test:
 	$(PYTHON) -m pytest -q -n 2 --durations=15 tests
 
 lint:
-	$(PYTHON) -m ruff format --check . && $(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --no-cache --check . && $(PYTHON) -m ruff check --no-cache .
 
 bench:
 	$(PYTHON) bench/unet.py && $(PYTHON) bench/data.py && $(PYTHON) bench/preprocess.py && $(PYTHON) bench/train_step.py

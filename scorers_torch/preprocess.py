@@ -13,8 +13,8 @@ the worker's manifest (bdpo_jax.schema.manifest_name) and empty_prompt.npz.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import concurrent.futures
+import hashlib
 import importlib.metadata
 import json
 import logging
