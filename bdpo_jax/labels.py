@@ -128,6 +128,16 @@ def _vote_sign(x_B: jax.Array) -> jax.Array:
     return jnp.where(x_B >= 0, 1.0, -1.0).astype(jnp.float32)
 
 
+def scorer_onehot(scorer_names: Sequence[str], scorer: str) -> np.ndarray:
+    """float32 [K] one-hot of `scorer` among `scorer_names` (label_for_batch's scorer_onehot)."""
+    names = list(scorer_names)
+    if scorer not in names:
+        raise ValueError(f"config.label.scorer={scorer!r}: expected one of {names}")
+    onehot_K = np.zeros(len(names), np.float32)
+    onehot_K[names.index(scorer)] = 1.0
+    return onehot_K
+
+
 def label_for_batch(
     mode: str,
     batch: Mapping[str, Any],
@@ -137,6 +147,7 @@ def label_for_batch(
     weights: Any = None,
     score_std: Any = None,
     rng: jax.Array | None = None,
+    scorer_onehot: Any = None,
     smpo_lo: float = 0.11544,
     smpo_hi: float = 0.28202,
     smpo_scale: float = 10.0,
@@ -149,7 +160,9 @@ def label_for_batch(
     0 = image 1, with a majority tie counted as an image-1 win like Eq. 6).
     weights: [K] for 'weighted_sum' (goes to the loss, not used here), 'score_sum',
     'normalized_sum'; None = equal 1/K. score_std: [K] dataset std of each scorer's scores
-    ('normalized_sum'). rng: a key ('random_scorer').
+    ('normalized_sum'). rng: a key ('random_scorer'). scorer_onehot: [K] one-hot of `scorer`
+    (see `scorer_onehot`) for 'single': the pick is then a runtime input, so runs on
+    different scorers share one compiled program; without it the pick is a static index.
     """
     names = list(scorer_names)
     if mode == "majority":
@@ -171,6 +184,8 @@ def label_for_batch(
             f"config.label.scorer={scorer!r}: label mode {mode!r} needs one of {names}"
         )
     if mode == "single":
+        if scorer_onehot is not None:
+            return votes_BxK @ jnp.asarray(scorer_onehot, jnp.float32)
         return votes_BxK[:, names.index(scorer)]
     if mode == "weighted_sum":
         return votes_BxK

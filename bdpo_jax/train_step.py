@@ -106,10 +106,8 @@ def make_consts(info: Any, cfg: StepConfig, beta: float, mesh: Any) -> dict[str,
         consts["empty_pooled_text_embeds"] = np.asarray(info.empty_pooled_text_embeds, np.float32)
     if cfg.weights is not None:
         consts["weights_K"] = np.asarray(cfg.weights, np.float32)
-    if cfg.label_mode == "single":
-        onehot_K = np.zeros(len(cfg.scorer_names), np.float32)
-        onehot_K[cfg.scorer_names.index(cfg.scorer)] = 1.0
-        consts["scorer_onehot_K"] = onehot_K
+    if cfg.label_mode == "single":  # a runtime input: single-scorer runs share a compile
+        consts["scorer_onehot_K"] = labels_lib.scorer_onehot(cfg.scorer_names, cfg.scorer)
     return jax.device_put(consts, sharding.replicated(mesh))
 
 
@@ -122,9 +120,9 @@ def sample_latents(moments_Bx2xCxHxW: jax.Array, rng: jax.Array, scaling: float)
     return (mean_BxCxHxW + jnp.exp(0.5 * logvar_BxCxHxW) * n_BxCxHxW) * scaling
 
 
-def _per_image_mse(model, params, xt_2BxCxHxW, t_2B, text_2BxLxD, added, target_2BxCxHxW):
-    pred = model.apply({"params": params}, xt_2BxCxHxW, t_2B, text_2BxLxD, added_cond_kwargs=added)
-    err = (pred.astype(jnp.float32) - target_2BxCxHxW) ** 2
+def _per_image_mse(model, params, xt_NxCxHxW, t_N, text_NxLxD, added, target_NxCxHxW):
+    pred = model.apply({"params": params}, xt_NxCxHxW, t_N, text_NxLxD, added_cond_kwargs=added)
+    err = (pred.astype(jnp.float32) - target_NxCxHxW) ** 2
     return err.mean(axis=(1, 2, 3))
 
 
@@ -136,56 +134,45 @@ def _micro_step(params, ref_params, mb, label, rng, consts, *, model, schedule, 
     x0_2 = sample_latents(mb["moments_1"], k_x2, cfg.vae_scaling_factor)
     eps_BxCxHxW = jax.random.normal(k_eps, x0_1.shape, jnp.float32)
     t_B = schedules.sample_timesteps(k_t, b, schedule_num_steps(cfg))
-    x0_2B = jnp.concatenate([x0_1, x0_2])
-    eps_2B = jnp.concatenate([eps_BxCxHxW, eps_BxCxHxW])
-    t_2B = jnp.concatenate([t_B, t_B])
-    xt_2B = schedules.add_noise(schedule, x0_2B, eps_2B, t_2B)
-    target_2B = schedules.training_target(schedule, x0_2B, eps_2B, t_2B, cfg.prediction_type)
 
     drop_B = jax.random.uniform(k_drop, (b,)) < cfg.proportion_empty_prompts  # per pair
     text_BxLxD = jnp.where(
         drop_B[:, None, None], consts["empty_text_embeds"][None], mb["text_embeds"]
     ).astype(jnp.float32)
-    text_2B = jnp.concatenate([text_BxLxD, text_BxLxD])
-    added = None
+    added_B = None
     if "pooled_text_embeds" in mb:  # SDXL: pooled embedding dropped with the text
         pooled_BxP = jnp.where(
             drop_B[:, None], consts["empty_pooled_text_embeds"][None], mb["pooled_text_embeds"]
         ).astype(jnp.float32)
-        time_ids = mb["add_time_ids"].astype(jnp.float32)
-        added = {
-            "text_embeds": jnp.concatenate([pooled_BxP, pooled_BxP]),
-            "time_ids": jnp.concatenate([time_ids, time_ids]),
-        }
-    mse = functools.partial(
-        _per_image_mse,
-        model,
-        xt_2BxCxHxW=xt_2B,
-        t_2B=t_2B,
-        text_2BxLxD=text_2B,
-        added=added,
-        target_2BxCxHxW=target_2B,
-    )
+        added_B = {"text_embeds": pooled_BxP, "time_ids": mb["add_time_ids"].astype(jnp.float32)}
 
     if cfg.label_mode == "sft":
         # only the winner (label = its index) is trained on, as Diffusion-DPO's --sft loads only
-        # winners: one UNet call on B images with the pair's noise and timestep
-        winner_first = (label == 0)[:, None, None, None]
-        x0_w = jnp.where(winner_first, x0_1, x0_2)
-        mse_w = functools.partial(
-            _per_image_mse,
-            model,
-            xt_2BxCxHxW=schedules.add_noise(schedule, x0_w, eps_BxCxHxW, t_B),
-            t_2B=t_B,
-            text_2BxLxD=text_BxLxD,
-            added=None if added is None else jax.tree.map(lambda x: x[:b], added),
-            target_2BxCxHxW=schedules.training_target(
-                schedule, x0_w, eps_BxCxHxW, t_B, cfg.prediction_type
-            ),
-        )
+        # winners: one UNet call on the B winners with their pair's noise and timestep
+        x0_N = jnp.where((label == 0)[:, None, None, None], x0_1, x0_2)
+        copies = 1
+    else:  # both images of each pair in one call: [image 1 of every pair; image 2 of every pair]
+        x0_N = jnp.concatenate([x0_1, x0_2])
+        copies = 2
+
+    def per_image(x_B):  # the pair's value for each of the N = copies * B images
+        return jnp.concatenate([x_B] * copies)
+
+    eps_N, t_N = per_image(eps_BxCxHxW), per_image(t_B)
+    mse = functools.partial(
+        _per_image_mse,
+        model,
+        xt_NxCxHxW=schedules.add_noise(schedule, x0_N, eps_N, t_N),
+        t_N=t_N,
+        text_NxLxD=per_image(text_BxLxD),
+        added=None if added_B is None else jax.tree.map(per_image, added_B),
+        target_NxCxHxW=schedules.training_target(schedule, x0_N, eps_N, t_N, cfg.prediction_type),
+    )
+
+    if cfg.label_mode == "sft":
 
         def loss_fn(p):
-            mse_w_B = mse_w(p)
+            mse_w_B = mse(p)
             return loss_lib.sft_loss(mse_w_B), {"model_mse": mse_w_B.mean()}
     else:
         ref_2B = jax.lax.stop_gradient(mse(ref_params))
@@ -240,22 +227,19 @@ def train_step(
     cfg = static_cfg
     rng = jax.random.fold_in(state.rng, state.step)
     k_label, k_step = jax.random.split(rng)
-    if cfg.label_mode == "single":
-        # the scorer is a runtime one-hot (consts), so runs on different scorers share a compile
-        label = jnp.asarray(batch["votes"], jnp.float32) @ consts["scorer_onehot_K"]
-    else:
-        label = labels_lib.label_for_batch(
-            cfg.label_mode,
-            batch,
-            scorer_names=cfg.scorer_names,
-            scorer=cfg.scorer,
-            weights=consts.get("weights_K"),
-            score_std=consts.get("score_std_K"),
-            rng=k_label,
-            smpo_lo=cfg.smpo_lo,
-            smpo_hi=cfg.smpo_hi,
-            smpo_scale=cfg.smpo_scale,
-        )
+    label = labels_lib.label_for_batch(
+        cfg.label_mode,
+        batch,
+        scorer_names=cfg.scorer_names,
+        scorer=cfg.scorer,
+        weights=consts.get("weights_K"),
+        score_std=consts.get("score_std_K"),
+        rng=k_label,
+        scorer_onehot=consts.get("scorer_onehot_K"),
+        smpo_lo=cfg.smpo_lo,
+        smpo_hi=cfg.smpo_hi,
+        smpo_scale=cfg.smpo_scale,
+    )
     inputs = {k: v for k, v in batch.items() if k in _MODEL_INPUTS}
     micro = functools.partial(_micro_step, model=model, schedule=schedule, cfg=cfg)
     a = cfg.grad_accum_steps

@@ -56,6 +56,11 @@ def test_majority_single_human_soft_vote():
     np.testing.assert_array_equal(_label("single", scorer="a"), [1, -1, 1, 1])
     np.testing.assert_array_equal(_label("single", scorer="b"), [-1, 1, -1, 1])
     np.testing.assert_array_equal(_label("single", scorer="c"), [1, -1, -1, 1])
+    for name, want in (("a", [1, -1, 1, 1]), ("c", [1, -1, -1, 1])):  # the runtime one-hot pick
+        onehot = labels.scorer_onehot(NAMES, name)
+        np.testing.assert_array_equal(_label("single", scorer=name, scorer_onehot=onehot), want)
+    with pytest.raises(ValueError, match="config.label.scorer='z'"):
+        labels.scorer_onehot(NAMES, "z")
     np.testing.assert_array_equal(_label("human"), [1, 0, -1, 0])  # NaN: no human label -> 0
     np.testing.assert_allclose(_label("soft_vote"), [1 / 3, -1 / 3, -1 / 3, 1.0], rtol=1e-6)
 
