@@ -1,6 +1,8 @@
-"""The training-shard record schema, shared by the PyTorch writer and the JAX reader.
+"""What the PyTorch side and the JAX side agree on: the shard record schema and the CLI
+convention for user errors.
 
-This module imports neither JAX nor torch (numpy only), so both sides use it.
+This module imports neither JAX nor torch (numpy only), so both sides use it; it is the only
+module of bdpo_jax that scorers_torch imports.
 
 One record is one preference pair (prompt, image 0, image 1). Binary layout of a
 record (little endian):
@@ -34,8 +36,11 @@ Fields (`V` = stored views: 1, or 2 when the horizontally flipped image is store
 from __future__ import annotations
 
 import json
+import os
 import struct
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import TypeVar
 
 import numpy as np
 
@@ -63,8 +68,43 @@ ARRAY_FIELDS: dict[str, tuple[str, int, bool]] = {
 _ALIGN = 16
 
 
-class SchemaError(ValueError):
+class UserError(Exception):
+    """A user's mistake (a flag, config value, file or name): one line, exit code 2, no traceback.
+
+    Raise it (or a subclass) with a message that names the culprit: the flag or config field,
+    the file and line, or the unknown name and the valid ones.
+    """
+
+
+class SchemaError(UserError, ValueError):
     """A record or manifest does not follow this schema."""
+
+
+DEBUG_FLAG = "--debug"
+DEBUG_ENV = "BDPO_DEBUG"
+_T = TypeVar("_T")
+
+
+def pop_debug_flag(argv: Sequence[str]) -> tuple[list[str], bool]:
+    """(argv without `--debug`, whether tracebacks were asked for by flag or BDPO_DEBUG=1)."""
+    rest = [arg for arg in argv if arg != DEBUG_FLAG]
+    debug = len(rest) != len(argv) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    return rest, debug
+
+
+def run_cli(prog: str, main: Callable[[], _T], debug: bool = False) -> _T:
+    """Run a CLI's `main`: a UserError becomes `prog: error: <message>` on stderr and exit 2.
+
+    Any other exception is a bug and keeps its traceback; `debug` (from `pop_debug_flag`)
+    keeps the traceback of user errors too.
+    """
+    try:
+        return main()
+    except UserError as error:
+        if debug:
+            raise
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def manifest_name(worker_index: int, num_workers: int) -> str:
