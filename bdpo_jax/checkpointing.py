@@ -20,7 +20,9 @@ import orbax.checkpoint as ocp
 
 from bdpo_jax.train_state import TrainState
 
-CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_DIR = "checkpoints"  # WORKDIR/checkpoints/<step>/...
+CONFIG_FILE = "config.json"  # WORKDIR/config.json: the run's config
+UNET_CONFIG_FILE = "unet_config.json"  # WORKDIR/unet_config.json: the diffusers UNet config
 ITEMS = ("state", "data_iter", "config")
 
 

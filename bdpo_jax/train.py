@@ -20,8 +20,6 @@ import numpy as np
 
 from bdpo_jax import checkpointing, data, metrics_writer, sharding, train_state, train_step
 
-UNET_CONFIG_FILE = "unet_config.json"
-CONFIG_FILE = "config.json"
 _BATCH_KEYS = (  # host batch fields the step uses ("index" stays on the host)
     "moments_0",
     "moments_1",
@@ -129,9 +127,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
         config.dpo.ref_update,
         float(config.dpo.ref_ema_decay),
     )
-    _write_json(os.path.join(workdir, UNET_CONFIG_FILE), unet_cfg)
+    _write_json(os.path.join(workdir, checkpointing.UNET_CONFIG_FILE), unet_cfg)
     config_dict = json.loads(config.to_json_best_effort())
-    _write_json(os.path.join(workdir, CONFIG_FILE), config_dict)
+    _write_json(os.path.join(workdir, checkpointing.CONFIG_FILE), config_dict)
 
     manager = checkpointing.make_manager(
         workdir, int(config.train.keep_checkpoints), bool(config.train.async_checkpoints)

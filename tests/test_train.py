@@ -48,7 +48,7 @@ def test_tiny_run_outputs_then_non_finite_loss_stops_with_checkpoint_intact(tmp_
     assert rows[1]["lr"] == pytest.approx(1e-4)  # tiny: 2 warm-up steps then constant
     assert os.listdir(os.path.join(workdir, "tb")), "no TensorBoard event file"
     assert os.path.getsize(os.path.join(workdir, metrics_writer.CURVES_FILE)) > 1000
-    with open(os.path.join(workdir, train.UNET_CONFIG_FILE)) as f:
+    with open(os.path.join(workdir, checkpointing.UNET_CONFIG_FILE)) as f:
         assert json.load(f)["in_channels"] == 4
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4"]
 
