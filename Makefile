@@ -3,23 +3,24 @@ PYTHON ?= python3
 
 .PHONY: setup demo test lint bench
 
-# torch and torchvision pinned together and installed first, so nothing else pulls a torch:
-# a machine with an NVIDIA GPU gets the CUDA build, any other the 190 MB CPU build.
-TORCH_CPU = "torch==2.13.0" "torchvision==0.28.0"
-TORCH_GPU = "torch==2.14.1" "torchvision==0.29.1"
-HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+# torch and torchvision are pinned together and installed first, so nothing else pulls a torch.
+# PyPI's x86-64 torchvision is linked against the CUDA build of torch and fails to import beside
+# the CPU-only torch 2.13.0 wheel ('operator torchvision::nms does not exist'), so x86-64 takes
+# the CUDA build (it runs on the CPU too); aarch64 gets PyPI's CPU build. A machine where
+# nvidia-smi lists a GPU also gets jax[cuda12].
+ifeq ($(shell uname -m),aarch64)
+TORCH = "torch==2.9.1" "torchvision==0.24.1"
+else
+TORCH = "torch==2.14.1" "torchvision==0.29.1"
+endif
+EXTRAS := torch,demo,dev$(shell nvidia-smi -L >/dev/null 2>&1 && echo ,cuda)
 
 setup:
-ifeq ($(HAS_GPU),1)
-	$(PYTHON) -m pip install $(TORCH_GPU)
-	$(PYTHON) -m pip install -e ".[torch,demo,dev,cuda]"
-else
-	$(PYTHON) -m pip install $(TORCH_CPU)
-	$(PYTHON) -m pip install -e ".[torch,demo,dev]"
-endif
+	$(PYTHON) -m pip install $(TORCH)
+	$(PYTHON) -m pip install -e ".[$(EXTRAS)]"
 
 demo:
-	$(PYTHON) -m bdpo_jax.demo --out demo_out
+	$(PYTHON) -m bdpo_demo --out demo_out
 
 test:
 	$(PYTHON) -m pytest -q -n 2 --durations=15 tests

@@ -1,10 +1,12 @@
 """Orbax checkpoints of a run: the state, the Grain iterator and the config, together.
 
-Layout (bdpo_jax.export reads it; keep it):
+Layout (this module owns it; bdpo_jax.export and the demo read checkpoints through it):
 
     WORKDIR/checkpoints/<step>/state      {"step", "params", "ref_params", "opt_state", "rng"}
     WORKDIR/checkpoints/<step>/data_iter  Grain iterator state (one JSON per process)
     WORKDIR/checkpoints/<step>/config     the run's config as JSON
+    WORKDIR/config.json                   the run's config (written by bdpo_jax.train)
+    WORKDIR/unet_config.json              the diffusers UNet config
 
 Saves are asynchronous (the device-to-host copy blocks, the write does not); the manager keeps
 the last config.train.keep_checkpoints. A run restores the latest step of its workdir by itself.
@@ -16,14 +18,22 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
+from bdpo_jax import schema
 from bdpo_jax.train_state import TrainState
 
 CHECKPOINT_DIR = "checkpoints"  # WORKDIR/checkpoints/<step>/...
 CONFIG_FILE = "config.json"  # WORKDIR/config.json: the run's config
 UNET_CONFIG_FILE = "unet_config.json"  # WORKDIR/unet_config.json: the diffusers UNet config
-ITEMS = ("state", "data_iter", "config")
+STATE_ITEM = "state"  # WORKDIR/checkpoints/<step>/state: the TrainState
+ITEMS = (STATE_ITEM, "data_iter", "config")
+INIT_CHECKPOINT = "config.model.init_checkpoint"  # the default `source` named in errors
+
+
+class CheckpointError(schema.UserError, FileNotFoundError):
+    """No checkpoint where a flag or config field points (the message names it)."""
 
 
 def make_manager(workdir: str, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
@@ -95,29 +105,86 @@ def restore_latest(
     return TrainState.from_dict(restored["state"])
 
 
-def restore_params(path: str, abstract_params: Any, param_shardings: Any) -> Any:
-    """config.model.init_checkpoint: params of a trainer checkpoint.
+def checkpoint_steps(directory: str | os.PathLike) -> list[int]:
+    """Steps with a folder under `directory` (a WORKDIR/checkpoints folder), ascending."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(
+        int(name)
+        for name in os.listdir(directory)
+        if name.isdigit() and os.path.isdir(os.path.join(directory, name))
+    )
 
-    `path` is a workdir (latest step), its checkpoints folder, or one step folder.
+
+def find_checkpoint(
+    path: str | os.PathLike, step: int | None = None, *, source: str = INIT_CHECKPOINT
+) -> tuple[int | None, str]:
+    """(step, step folder) of a trainer checkpoint; the latest step unless `step`.
+
+    `path` is a workdir, its checkpoints folder, or one step folder (step None when the folder
+    is not named by its step). `source` names the flag or config field in the errors.
     """
-    candidates = [os.path.join(path, CHECKPOINT_DIR), path]
-    for directory in candidates:
-        if os.path.isdir(directory) and not os.path.isdir(os.path.join(directory, "state")):
-            steps = [int(d) for d in os.listdir(directory) if d.isdigit()]
-            if steps:
-                path = os.path.join(directory, str(max(steps)))
-                break
-    state_dir = os.path.join(path, "state")
-    if not os.path.isdir(state_dir):
-        raise FileNotFoundError(
-            f"config.model.init_checkpoint={path!r}: no Orbax 'state' item found "
+    path = os.fspath(path)
+    if os.path.isdir(os.path.join(path, STATE_ITEM)):  # one step folder
+        name = os.path.basename(os.path.normpath(path))
+        found = int(name) if name.isdigit() else None
+        if step is not None and step != found:
+            raise CheckpointError(f"--step {step}: {source}={path!r} is the checkpoint {found}")
+        return found, path
+    directory = os.path.join(path, CHECKPOINT_DIR)
+    if not os.path.isdir(directory) and checkpoint_steps(path):
+        directory = path  # the checkpoints folder itself
+    if not os.path.isdir(directory):
+        raise CheckpointError(
+            f"{source}={path!r}: no {CHECKPOINT_DIR}/ folder nor Orbax {STATE_ITEM!r} item "
             "(give a trainer workdir, its checkpoints folder or one step folder)"
         )
-    target = {"params": _abstract(param_shardings, abstract_params)}
-    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    steps = checkpoint_steps(directory)
+    if not steps:
+        raise CheckpointError(f"{source}={path!r}: {directory} holds no checkpoint")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise CheckpointError(f"--step {step}: no checkpoint at that step; available: {steps}")
+    step_dir = os.path.join(directory, str(step))
+    if not os.path.isdir(os.path.join(step_dir, STATE_ITEM)):
+        raise CheckpointError(f"{step_dir}: checkpoint {step} has no {STATE_ITEM!r} item")
+    return step, step_dir
+
+
+def restore_params(
+    path: str | os.PathLike,
+    abstract_params: Any = None,
+    param_shardings: Any = None,
+    *,
+    step: int | None = None,
+    source: str = INIT_CHECKPOINT,
+) -> Any:
+    """The params of a trainer checkpoint (only "params": not the reference or the optimizer).
+
+    `path` as for `find_checkpoint` (latest step unless `step`). With `param_shardings` (and
+    `abstract_params`, e.g. config.model.init_checkpoint) the params come back as jax Arrays
+    placed as those shardings; without, as a tree of numpy arrays on the host (export).
+    """
+    _, step_dir = find_checkpoint(path, step, source=source)
+    state_dir = os.path.abspath(os.path.join(step_dir, STATE_ITEM))
     with ocp.PyTreeCheckpointer() as checkpointer:
+        if param_shardings is not None:
+            target = {"params": _abstract(param_shardings, abstract_params)}
+            restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+        else:
+            metadata = checkpointer.metadata(state_dir)
+            tree = getattr(metadata, "item_metadata", metadata)
+            tree = getattr(tree, "tree", tree)
+            if not isinstance(tree, dict) or "params" not in tree:
+                raise CheckpointError(f"{state_dir}: the saved state has no 'params' entry")
+            meta = tree["params"]
+            target = {"params": jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), meta)}
+            restore_args = {
+                "params": jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
+            }
         restored = checkpointer.restore(
-            os.path.abspath(state_dir),
+            state_dir,
             args=ocp.args.PyTreeRestore(target, restore_args=restore_args, partial_restore=True),
         )
     return restored["params"]

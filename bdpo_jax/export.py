@@ -1,7 +1,7 @@
 """Export a trainer checkpoint to a diffusers UNet folder or a complete diffusers pipeline.
 
     python -m bdpo_jax.export --workdir W [--step N] [--base BASE] --out OUT \
-        [--dtype fp16|bf16|fp32] [--force]
+        [--dtype fp32|fp16|bf16] [--force] [--debug]
 
 Reads W/unet_config.json and the params of the Orbax checkpoint W/checkpoints/<step>/state (the
 latest step unless --step; only "params" is read, not the reference or optimizer state). When
@@ -10,12 +10,13 @@ pipeline with the new UNet in OUT/unet and every other component copied, so
 `diffusers.DiffusionPipeline.from_pretrained(OUT)` runs it; without BASE (or with a BASE that is
 not a pipeline) OUT is a UNet folder for `UNet2DConditionModel.from_pretrained(OUT)`. The export
 is written to a temporary folder beside OUT, verified tensor by tensor against the checkpoint
-(re-read from the written safetensors), and only then renamed to OUT.
+(re-read from the written safetensors), and only then renamed to OUT. A user's mistake (a
+missing workdir or checkpoint, a bad --step or --dtype, an existing OUT without --force) is one
+line on stderr and exit code 2; --debug (or BDPO_DEBUG=1) shows its traceback.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -30,61 +31,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bdpo_jax import checkpointing, schema
+from bdpo_jax.models import dtypes
+
 log = logging.getLogger("bdpo_jax.export")
 
-DTYPES = {"fp32": jnp.float32, "fp16": jnp.float16, "bf16": jnp.bfloat16}
-CHECKPOINT_DIR = "checkpoints"  # the trainer's layout (bdpo_jax/checkpointing.py)
-UNET_CONFIG_NAME = "unet_config.json"
-EXPORT_INFO_NAME = "bdpo_export.json"
+PROG = "python -m bdpo_jax.export"
+EXPORT_INFO_NAME = "bdpo_export.json"  # OUT/bdpo_export.json: workdir, step, dtype, base
 # UNet config fields that must agree with the base pipeline's UNet for the pipeline to work
 _MUST_MATCH = ("in_channels", "out_channels", "cross_attention_dim", "addition_embed_type")
 
 
-class ExportError(RuntimeError):
-    """A problem with the export's inputs or its verification."""
-
-
-def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
-    """Steps with a finished checkpoint under WORKDIR/checkpoints, ascending."""
-    directory = Path(workdir) / CHECKPOINT_DIR
-    if not directory.is_dir():
-        raise ExportError(
-            f"--workdir {workdir}: no {CHECKPOINT_DIR}/ folder (not a trainer workdir?)"
-        )
-    steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
-    if not steps:
-        raise ExportError(f"--workdir {workdir}: {directory} holds no checkpoint")
-    return steps
+class ExportError(schema.UserError):
+    """A problem with the export's inputs or its verification (the message names the culprit)."""
 
 
 def restore_params(workdir: str | os.PathLike, step: int | None = None) -> tuple[int, Any]:
     """(step, params as a tree of numpy arrays) of the trainer checkpoint; latest if step None."""
-    import orbax.checkpoint as ocp
-
-    steps = checkpoint_steps(workdir)
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise ExportError(f"--step {step}: no checkpoint at that step; available: {steps}")
-    state_dir = (Path(workdir) / CHECKPOINT_DIR / str(step) / "state").absolute()
-    if not state_dir.is_dir():
-        raise ExportError(f"{state_dir} is missing: checkpoint {step} has no 'state' item")
-    with ocp.PyTreeCheckpointer() as checkpointer:
-        metadata = checkpointer.metadata(state_dir)
-        tree = getattr(metadata, "item_metadata", metadata)
-        tree = getattr(tree, "tree", tree)
-        if not isinstance(tree, dict) or "params" not in tree:
-            raise ExportError(f"{state_dir}: the saved state has no 'params' entry")
-        meta = tree["params"]
-        target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), meta)
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
-        restored = checkpointer.restore(
-            state_dir,
-            args=ocp.args.PyTreeRestore(
-                {"params": target}, restore_args={"params": restore_args}, partial_restore=True
-            ),
-        )
-    return step, restored["params"]
+    try:
+        found, _ = checkpointing.find_checkpoint(workdir, step, source="--workdir")
+        params = checkpointing.restore_params(workdir, step=found, source="--workdir")
+    except checkpointing.CheckpointError as error:
+        raise ExportError(str(error)) from error
+    return found, params
 
 
 def _check_tree_matches(params: Any, expected: Any, config_path: Path) -> None:
@@ -175,15 +144,19 @@ def export(
     """Exports checkpoint `step` (latest if None) of `workdir` to `out`; returns `out`."""
     from bdpo_jax.models import UNet2DConditionModel, init_unet_params, save_unet
 
-    if dtype not in DTYPES:
-        raise ExportError(f"--dtype {dtype}: choose one of {sorted(DTYPES)}")
+    if dtype not in dtypes.NAMES:
+        raise ExportError(f"--dtype {dtype}: choose one of {list(dtypes.NAMES)}")
     out = Path(out)
     if out.exists() and not force:
         raise ExportError(f"--out {out} exists; pass --force to overwrite it")
     workdir = Path(workdir)
-    config_path = workdir / UNET_CONFIG_NAME
+    if not workdir.is_dir():
+        raise ExportError(f"--workdir {workdir}: no such folder")
+    config_path = workdir / checkpointing.UNET_CONFIG_FILE
     if not config_path.is_file():
-        raise ExportError(f"--workdir {workdir}: no {UNET_CONFIG_NAME} (written by the trainer)")
+        raise ExportError(
+            f"--workdir {workdir}: no {checkpointing.UNET_CONFIG_FILE} (written by the trainer)"
+        )
     unet_config = json.loads(config_path.read_text())
     base_dir = resolve_base(base) if base else None
     is_pipeline = base_dir is not None and (base_dir / "model_index.json").is_file()
@@ -197,7 +170,7 @@ def export(
     model = UNet2DConditionModel.from_config(unet_config)
     expected = jax.eval_shape(lambda r: init_unet_params(model, r), jax.random.key(0))
     _check_tree_matches(params, expected, config_path)
-    jdtype = DTYPES[dtype]
+    jdtype = dtypes.dtype_from_name(dtype, "--dtype")
     cast = jax.tree.map(lambda x: jnp.asarray(x).astype(jdtype), params)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -226,19 +199,20 @@ def export(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bdpo_jax.export", description=__doc__.split("\n\n")[0]
-    )
+    """The CLI: 0 on success; a user error is one line on stderr and exit code 2 (run_cli)."""
+    argv, debug = schema.pop_debug_flag(sys.argv[1:] if argv is None else argv)
+    parser = schema.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, help="trainer workdir (holds checkpoints/)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
     parser.add_argument("--base", default=None, help="base pipeline folder or hub id")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="saved dtype")
+    parser.add_argument("--dtype", default="fp32", choices=dtypes.NAMES, help="saved dtype")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --out")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax INFO and metadata warnings
-    try:
+
+    def run() -> int:
+        args = parser.parse_args(argv)
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax INFO and metadata warnings
         out = export(
             args.workdir,
             args.out,
@@ -247,11 +221,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             dtype=args.dtype,
             force=args.force,
         )
-    except ExportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"exported to {out}")
-    return 0
+        print(f"exported to {out}")
+        return 0
+
+    return schema.run_cli(PROG, run, debug)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,29 @@
-"""Sample-grid PNGs with a caption under each image, and the grid the trainer writes."""
+"""Sample-grid PNGs with a caption under each image, and the grids the trainer writes.
+
+`training_grid_writer(config, model, info)` is all the trainer calls: it loads the VAE decoder
+once and returns `write(params, host_batch, workdir, step)`, which samples the batch's first
+prompts with the current params into WORKDIR/samples/step_N.png.
+"""
 
 from __future__ import annotations
 
 import math
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from bdpo_jax.schema import ConfigError
+
 PAD = 4  # pixels around every cell
 MIN_CAPTION_WIDTH = 160  # cells are at least this wide so captions of small images stay legible
 FONT_SIZE = 12
 MAX_CAPTION_LINES = 6
+SAMPLES_DIR = "samples"  # WORKDIR/samples/step_N.png: the trainer's grids
+TRAINING_GRID_SIZE = 4  # prompts per training grid (the batch's first ones)
 
 
 def to_uint8(images_NHWC: np.ndarray) -> np.ndarray:
@@ -128,20 +137,23 @@ def _model_config_value(model: Any, name: str) -> Any:
         ) from e
 
 
-def decoder_for_config(config: Any, in_channels: int) -> tuple[Any, Any, float] | None:
+def decoder_for_config(
+    config: Any, in_channels: int, scaling_factor: float | None = None
+) -> tuple[Any, Any, float] | None:
     """The `decoder` of sample_grid_for_training for a run config (load once, reuse).
 
     None for pixel-space models (in_channels 3); otherwise the Flax VAE decoder of
     config.sample.vae (a VAE folder, a pipeline folder or hub id) or, when that is empty, of
-    config.model.pretrained's 'vae' subfolder, with config.diffusion.vae_scaling_factor.
+    config.model.pretrained's 'vae' subfolder, with `scaling_factor` (default
+    config.diffusion.vae_scaling_factor; the trainer passes the data's).
     """
     if in_channels == 3:
         return None
-    from bdpo_jax import vae
+    from bdpo_jax.models import vae
 
     source = str(config.sample.vae or config.model.pretrained or "")
     if not source:
-        raise ValueError(
+        raise ConfigError(
             f"config.sample.vae: sample grids of a latent model ({in_channels} channels) need a "
             "VAE; set config.sample.vae or config.model.pretrained, or config.train.sample_every=0"
         )
@@ -149,7 +161,9 @@ def decoder_for_config(config: Any, in_channels: int) -> tuple[Any, Any, float] 
     if config.sample.vae and not os.path.isdir(os.path.join(source, "vae")):
         subfolder = None  # a VAE folder itself (or a hub id of a bare VAE)
     module, params = vae.load_vae_decoder(source, subfolder)
-    return module, params, float(config.diffusion.vae_scaling_factor)
+    if scaling_factor is None:
+        scaling_factor = config.diffusion.vae_scaling_factor
+    return module, params, float(scaling_factor)
 
 
 def sample_grid_for_training(
@@ -176,7 +190,7 @@ def sample_grid_for_training(
       schedule_config: a sampling.ScheduleConfig, or the run config
         (sampling.schedule_config_from_config reads it).
       decoder: None for pixel-space models (their output is the image in [-1, 1]), else
-        (vae_module, vae_params, scaling_factor) from bdpo_jax.vae.load_vae_decoder.
+        (vae_module, vae_params, scaling_factor) from bdpo_jax.models.vae.load_vae_decoder.
       latent_shape: (C, H, W); default (in_channels, sample_size, sample_size) of model.config.
     Returns:
       the images [B, H, W, 3] as float32 in [0, 1].
@@ -209,10 +223,78 @@ def sample_grid_for_training(
     if decoder is None:
         images = np.asarray(np.clip(np.asarray(latents) / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1))
     else:
-        from bdpo_jax import vae
+        from bdpo_jax.models import vae
 
         vae_module, vae_params, scaling = decoder
         images = np.asarray(vae.decode(vae_module, vae_params, latents, scaling))
     height = images.shape[1]
     write_grid(images, list(prompts), path, ncols, upscale=max(1, 128 // height))
     return images.astype(np.float32)
+
+
+def training_grid_path(workdir: str, step: int) -> str:
+    return os.path.join(workdir, SAMPLES_DIR, f"step_{step:06d}.png")
+
+
+def training_grid_writer(
+    config: Any, model: Any, info: Any
+) -> Callable[[Any, Mapping[str, np.ndarray], str, int], np.ndarray]:
+    """`write(params, host_batch, workdir, step)` for the trainer's sample grids.
+
+    config: the run config (config.sample, the schedule fields, config.data for the prompts'
+    text); info: the data's DatasetInfo (latent shape, empty-prompt embeddings, scaling factor).
+    The VAE decoder of a latent model is loaded here, once. Each call samples the batch's first
+    TRAINING_GRID_SIZE prompts with `params` (key PRNGKey(step)) into
+    `training_grid_path(workdir, step)`, captioned with the prompts (shards) or record indices
+    (synthetic data), and returns the images.
+    """
+    import jax
+
+    from bdpo_jax import sampling
+
+    latent_shape = tuple(int(d) for d in info.latent_shape)
+    decoder = decoder_for_config(config, latent_shape[0], info.vae_scaling_factor)
+    schedule_config = sampling.schedule_config_from_config(config)
+    empty_text = np.asarray(info.empty_text_embeds, np.float32)
+    empty_pooled = None
+    if info.pooled_dim:
+        empty_pooled = np.asarray(info.empty_pooled_text_embeds, np.float32)
+
+    def prompts_of(index: np.ndarray) -> list[str]:
+        if config.data.source != "shards":
+            return [f"record {int(i)}" for i in index]
+        from bdpo_jax import data
+
+        return [r["prompt"] for r in data.read_records(config.data.path, [int(i) for i in index])]
+
+    def write(params: Any, host_batch: Mapping[str, np.ndarray], workdir: str, step: int):
+        n = min(TRAINING_GRID_SIZE, host_batch["text_embeds"].shape[0])
+        text = np.asarray(host_batch["text_embeds"][:n], np.float32)
+        uncond = np.repeat(empty_text[None], n, axis=0)
+        index = host_batch.get("index", np.arange(n))[:n]
+        added = uncond_added = None
+        if empty_pooled is not None:
+            time_ids = np.asarray(host_batch["add_time_ids"][:n], np.float32)
+            pooled = np.asarray(host_batch["pooled_text_embeds"][:n], np.float32)
+            added = {"text_embeds": pooled, "time_ids": time_ids}
+            uncond_added = {
+                "text_embeds": np.repeat(empty_pooled[None], n, axis=0),
+                "time_ids": time_ids,
+            }
+        return sample_grid_for_training(
+            model,
+            params,
+            text,
+            uncond,
+            prompts_of(index),
+            jax.random.PRNGKey(step),
+            training_grid_path(workdir, step),
+            config.sample,
+            schedule_config,
+            decoder,
+            latent_shape=latent_shape,
+            added_cond_kwargs=added,
+            uncond_added_cond_kwargs=uncond_added,
+        )
+
+    return write

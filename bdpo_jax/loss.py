@@ -100,12 +100,13 @@ def dpo_loss(
     else:
         w_K = jnp.asarray(weights_K, dtype)
 
+    w_1xK = w_K[None, :]
     model_diff_B = m1 - m2
     ref_diff_B = r1 - r2
     inside_BxK = -0.5 * beta * label_BxK * (model_diff_B - ref_diff_B)[:, None]
-    loss = jnp.mean(jnp.sum(w_K * -jax.nn.log_sigmoid(inside_BxK), axis=1))
+    loss = jnp.mean(jnp.sum(w_1xK * -jax.nn.log_sigmoid(inside_BxK), axis=1))
 
-    active_BxK = w_K * (label_BxK != 0)
+    active_BxK = w_1xK * (label_BxK != 0)
     sign_BxK = jnp.sign(label_BxK)
     den = jnp.sum(active_BxK)
     metrics = {
@@ -114,8 +115,8 @@ def dpo_loss(
         "ref_diff": _ratio(jnp.sum(active_BxK * sign_BxK * ref_diff_B[:, None]), den),
         "model_mse": 0.5 * (jnp.mean(m1) + jnp.mean(m2)),
         "ref_mse": 0.5 * (jnp.mean(r1) + jnp.mean(r2)),
-        "label_abs_mean": jnp.mean(jnp.sum(w_K * jnp.abs(label_BxK), axis=1)) / jnp.sum(w_K),
-        "label_zero_fraction": jnp.mean(jnp.sum(w_K * (label_BxK == 0), axis=1)) / jnp.sum(w_K),
+        "label_abs_mean": jnp.mean(jnp.sum(w_1xK * jnp.abs(label_BxK), axis=1)) / jnp.sum(w_K),
+        "label_zero_fraction": jnp.mean(jnp.sum(w_1xK * (label_BxK == 0), axis=1)) / jnp.sum(w_K),
     }
     return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
 

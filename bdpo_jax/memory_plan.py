@@ -15,7 +15,6 @@ as a floor and leave headroom.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import sys
@@ -26,9 +25,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from bdpo_jax import optim, sharding
+from bdpo_jax import optim, schema, sharding
+from bdpo_jax.models import dtypes, presets
 
+PROG = "python -m bdpo_jax.memory_plan"
 _TEXT_SHAPES = {"sd15": (77, 768), "sd21": (77, 1024), "sdxl": (77, 2048)}
+_LATENT_SIZES = {"sd15": 64, "sd21": 96, "sdxl": 128}  # 512, 768 and 1024 px
 
 
 class _MeshShape(NamedTuple):
@@ -70,9 +72,9 @@ def _residual_bytes(model, abstract_params, x, t, text, added) -> int:
 @functools.lru_cache(maxsize=8)
 def _abstract_model(model_name: str, compute_dtype: str, remat: bool):
     """(model, abstract params) of a real config, traced once per process."""
-    from bdpo_jax.models import UNet2DConditionModel, init_unet_params, presets
+    from bdpo_jax.models import UNet2DConditionModel, init_unet_params
 
-    dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[compute_dtype]
+    dtype = dtypes.dtype_from_name(compute_dtype, "compute_dtype")
     model = UNet2DConditionModel.from_config(
         presets.real_unet_config(model_name), param_dtype=jnp.float32, dtype=dtype, remat=remat
     )
@@ -95,10 +97,18 @@ def memory_plan(
     activations: bool = True,
 ) -> dict[str, Any]:
     """The plan as a dict of bytes per device (and the inputs that produced it)."""
-    from bdpo_jax.models import UNet2DConditionModel, presets
+    from bdpo_jax.models import UNet2DConditionModel
 
     unet_cfg = presets.real_unet_config(model_name)
-    dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[compute_dtype]
+    dtype = dtypes.dtype_from_name(compute_dtype, "compute_dtype")
+    ms = _MeshShape(dict(zip(sharding.BATCH_AXES, (int(n) for n in mesh_shape), strict=True)))
+    n_dev = int(np.prod(list(ms.shape.values())))
+    if global_batch % (n_dev * grad_accum):
+        raise schema.ConfigError(
+            f"--batch {global_batch}: not divisible by {n_dev} devices (--mesh) x --accum "
+            f"{grad_accum}"
+        )
+    pairs = global_batch // (n_dev * grad_accum)
     model, abstract_params = _abstract_model(model_name, compute_dtype, remat)
     ocfg = ml_collections.ConfigDict(
         dict(
@@ -118,13 +128,6 @@ def memory_plan(
     )
     tx, _ = optim.make_optimizer(ocfg, 1, 1)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    ms = _MeshShape({"data": int(mesh_shape[0]), "fsdp": int(mesh_shape[1])})
-    n_dev = ms.shape["data"] * ms.shape["fsdp"]
-    if global_batch % (n_dev * grad_accum):
-        raise ValueError(
-            f"batch {global_batch} not divisible by {n_dev} devices x accum {grad_accum}"
-        )
-    pairs = global_batch // (n_dev * grad_accum)
     p_bytes = _leaf_bytes_per_device(abstract_params, ms, rules, fsdp_min_size)
     o_bytes = _leaf_bytes_per_device(abstract_opt, ms, rules, fsdp_min_size)
 
@@ -185,41 +188,66 @@ def format_table(plans: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def parse_mesh(text: str) -> tuple[int, int]:
+    """'1,8' -> (1, 8): the (data, fsdp) mesh shape of --mesh."""
+    parts = text.split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise schema.ConfigError(
+            f"--mesh {text!r}: expected two positive integers 'data,fsdp', e.g. 1,8"
+        )
+    return int(parts[0]), int(parts[1])
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", nargs="+", default=["sd15", "sdxl"])
+    """The CLI; a user error is one line on stderr and exit code 2 (run_cli)."""
+    argv, debug = schema.pop_debug_flag(sys.argv[1:] if argv is None else argv)
+    parser = schema.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--model", nargs="+", default=["sd15", "sdxl"], choices=presets.REAL_CONFIGS
+    )
     parser.add_argument("--mesh", default="1,8", help="data,fsdp mesh shape")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--accum", type=int, default=1)
     parser.add_argument(
-        "--latent", type=int, default=0, help="latent side (0: 64 SD1.5/2.1, 128 SDXL)"
+        "--latent", type=int, default=0, help="latent side (0: 64 SD1.5, 96 SD2.1, 128 SDXL)"
     )
-    parser.add_argument("--optimizer", default="")
+    parser.add_argument("--optimizer", default="", choices=("", "adamw", "adafactor"))
     parser.add_argument("--no-remat", action="store_true")
     parser.add_argument("--json", default="")
-    args = parser.parse_args(argv)
-    mesh = tuple(int(x) for x in args.mesh.split(","))
-    plans = []
-    for name in args.model:
-        latent = args.latent or {"sd15": 64, "sd21": 96, "sdxl": 128}[name]
-        opt = args.optimizer or ("adafactor" if name == "sdxl" else "adamw")
-        plans.append(
-            memory_plan(
-                name,
-                mesh_shape=mesh,
-                global_batch=args.batch,
-                grad_accum=args.accum,
-                latent_size=latent,
-                optimizer=opt,
-                remat=not args.no_remat,
+
+    def run() -> None:
+        args = parser.parse_args(argv)
+        mesh = parse_mesh(args.mesh)
+        if args.batch < 1 or args.accum < 1:
+            raise schema.ConfigError(f"--batch {args.batch}, --accum {args.accum}: must be >= 1")
+        plans = []
+        for name in args.model:
+            latent = args.latent or _LATENT_SIZES[name]
+            opt = args.optimizer or ("adafactor" if name == "sdxl" else "adamw")
+            plans.append(
+                memory_plan(
+                    name,
+                    mesh_shape=mesh,
+                    global_batch=args.batch,
+                    grad_accum=args.accum,
+                    latent_size=latent,
+                    optimizer=opt,
+                    remat=not args.no_remat,
+                )
             )
-        )
-    print(format_table(plans))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(plans, f, indent=2)
-    else:
-        json.dump(plans, sys.stdout, indent=1)
+        print(format_table(plans))
+        if args.json:
+            try:
+                with open(args.json, "w") as f:
+                    json.dump(plans, f, indent=2)
+            except OSError as error:
+                raise schema.ConfigError(
+                    f"--json {args.json}: cannot write: {error.strerror}"
+                ) from error
+        else:
+            json.dump(plans, sys.stdout, indent=1)
+
+    schema.run_cli(PROG, run, debug)
 
 
 if __name__ == "__main__":

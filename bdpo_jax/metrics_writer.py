@@ -1,7 +1,10 @@
 """Training metrics to the console (tqdm), WORKDIR/metrics.jsonl and TensorBoard (WORKDIR/tb).
 
-Metrics stay on device between log steps; the loop hands this writer host floats at log steps
-only. Only process 0 writes files. `plot_curves` draws loss and implicit accuracy to a PNG.
+The training loop fetches each step's metrics to the host one step late (while the device runs
+the next step) and hands this writer host floats at log steps; `write_summary` records one-off
+scalars of a (re)start (compile time, parameter counts) to TensorBoard only, so every row of
+metrics.jsonl is a logged step. Only process 0 writes files. `plot_curves` draws loss and
+implicit accuracy to a PNG.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def check_finite(step: int, loss: float) -> None:
+    """Raise NonFiniteLossError naming `step` when its loss is NaN or inf."""
     if not math.isfinite(loss):
         raise NonFiniteLossError(
             f"non-finite loss {loss} at step {step}: stopping; the last good checkpoint is kept "
@@ -89,6 +93,14 @@ class MetricsWriter:
             )
             self.advance(step)
         return row
+
+    def write_summary(self, step: int, scalars: Mapping[str, float]) -> None:
+        """One-off scalars of a (re)start at `step`, to TensorBoard under 'run/'."""
+        if self._tb is None:
+            return
+        for name, value in scalars.items():
+            self._tb.add_scalar(f"run/{name}", float(value), step)
+        self._tb.flush()
 
     def close(self) -> None:
         if self._bar is not None:

@@ -17,6 +17,11 @@ from __future__ import annotations
 import ml_collections
 import optax
 
+from bdpo_jax.schema import ConfigError
+
+OPTIMIZERS = ("adamw", "adafactor")  # config.optim.optimizer
+LR_SCHEDULES = ("constant", "cosine")  # config.optim.schedule
+
 
 def effective_learning_rate(
     optim_config: ml_collections.ConfigDict, global_batch_size: int
@@ -42,8 +47,8 @@ def make_lr_schedule(
         return optax.warmup_cosine_decay_schedule(
             0.0, peak, warmup, max(total_steps, warmup + 1), end_value=0.0
         )
-    raise ValueError(
-        f"config.optim.schedule={optim_config.schedule!r}: expected 'constant' or 'cosine'"
+    raise ConfigError(
+        f"config.optim.schedule={optim_config.schedule!r}: expected one of {LR_SCHEDULES}"
     )
 
 
@@ -95,7 +100,7 @@ def make_optimizer(
             weight_decay=optim_config.weight_decay,
         )
     else:
-        raise ValueError(f"config.optim.optimizer={name!r}: expected 'adamw' or 'adafactor'")
+        raise ConfigError(f"config.optim.optimizer={name!r}: expected one of {OPTIMIZERS}")
     parts = []
     if optim_config.grad_clip_norm > 0:
         parts.append(optax.clip_by_global_norm(optim_config.grad_clip_norm))

@@ -14,7 +14,7 @@ parameters. The batch is sharded over ("data", "fsdp") on axis 0.
 
 Multi-host: `maybe_initialize_distributed()` calls `jax.distributed.initialize()` (which reads
 SLURM / Open MPI / TPU-pod / coordinator environment variables) when several processes are
-launched; each host then feeds its own slice of the global batch (see data.to_global_batch).
+launched; each host then feeds its own slice of the global batch (see to_global_batch).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -102,6 +102,17 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def to_global_batch(batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict[str, Any]:
+    """Global jax.Arrays from this process's batch; the leading axis sharded by `sharding`.
+
+    With P processes the global batch is P times the local one, ordered by process.
+    """
+    return {
+        name: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+        for name, value in batch.items()
+    }
 
 
 def check_batch_divisible(global_batch_size: int, mesh: Mesh, grad_accum_steps: int = 1) -> None:

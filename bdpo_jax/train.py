@@ -1,9 +1,14 @@
 """BalancedDPO training: `python -m bdpo_jax.train --config configs/tiny.py --workdir W`.
 
 `main` parses flags; `train_and_evaluate(config, workdir)` is the loop (tests call it directly):
-data -> model -> sharded state (or the latest checkpoint of WORKDIR) -> jitted steps with a
-host-side reference refresh every config.dpo.ref_update_every steps -> metrics, checkpoints.
-Any config field can be overridden: `--config.train.steps=12 --config.dpo.beta=2000`.
+data -> model -> the step's parts built once from the config (optimizer, label function, noise
+schedule, loss; `make_train_step`) -> one jitted step with explicit shardings and a donated
+state -> sharded state (or the latest checkpoint of WORKDIR) -> steps, with a host-side
+reference refresh every config.dpo.ref_update_every steps -> metrics (fetched one step late),
+checkpoints, sample grids. Any config field can be overridden:
+`--config.train.steps=12 --config.dpo.beta=2000`. A user's mistake (a flag, a config value, a
+missing file) ends the command with one line on stderr and exit code 2; `--debug` or
+BDPO_DEBUG=1 shows its traceback.
 """
 
 from __future__ import annotations
@@ -12,49 +17,152 @@ import functools
 import json
 import logging
 import os
+import re
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+import optax
+from jax.sharding import Mesh
 
-from bdpo_jax import checkpointing, data, metrics_writer, sharding, train_state, train_step
-
-_BATCH_KEYS = (  # host batch fields the step uses ("index" stays on the host)
-    "moments_0",
-    "moments_1",
-    "text_embeds",
-    "pooled_text_embeds",
-    "add_time_ids",
-    "scores",
-    "votes",
-    "label",
-    "margin",
-    "human_label",
+from bdpo_jax import (
+    checkpointing,
+    data,
+    grids,
+    labels,
+    metrics_writer,
+    optim,
+    schedules,
+    schema,
+    sharding,
+    train_state,
+    train_step,
 )
+from bdpo_jax.schema import ConfigError
+from bdpo_jax.train_state import TrainState
+
+# (state, batch, consts) -> (state, metrics): `train_step.train_step` with its parts bound
+StepFn = Callable[
+    [TrainState, train_step.Batch, train_step.Batch], tuple[TrainState, train_step.Metrics]
+]
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Clear errors for config mistakes that would otherwise fail deep inside the run."""
     if config.data.source == "shards" and not config.data.path:
-        raise ValueError(
+        raise ConfigError(
             "config.data.path is required when config.data.source='shards' "
             "(a folder of shards written by scorers_torch.preprocess)"
         )
-    if config.model.prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(
-            f"config.model.prediction_type={config.model.prediction_type!r}: "
-            "expected 'epsilon' or 'v_prediction'"
+    if config.model.prediction_type not in schedules.PREDICTION_TYPES:
+        raise ConfigError(
+            f"config.model.prediction_type={config.model.prediction_type!r}: expected one of "
+            f"{schedules.PREDICTION_TYPES}"
         )
     for name in ("steps", "global_batch_size", "log_every", "checkpoint_every"):
         if int(config.train[name]) < 1:
-            raise ValueError(f"config.train.{name} must be >= 1, got {config.train[name]}")
-    if int(config.optim.grad_accum_steps) < 1:
-        raise ValueError("config.optim.grad_accum_steps must be >= 1")
-    if config.dpo.ref_update not in ("copy", "ema"):
-        raise ValueError(
-            f"config.dpo.ref_update={config.dpo.ref_update!r}: expected 'copy' or 'ema'"
+            raise ConfigError(f"config.train.{name} must be >= 1, got {config.train[name]}")
+    accum = int(config.optim.grad_accum_steps)
+    if accum < 1:
+        raise ConfigError(f"config.optim.grad_accum_steps must be >= 1, got {accum}")
+    if int(config.train.global_batch_size) % accum:
+        raise ConfigError(
+            f"config.train.global_batch_size={config.train.global_batch_size} must be divisible "
+            f"by config.optim.grad_accum_steps={accum} (the pairs of one micro-batch)"
         )
+    if config.dpo.ref_update not in train_step.REF_UPDATES:
+        raise ConfigError(
+            f"config.dpo.ref_update={config.dpo.ref_update!r}: expected one of "
+            f"{train_step.REF_UPDATES}"
+        )
+
+
+def make_train_step(
+    config: ml_collections.ConfigDict, info: data.DatasetInfo, model: nn.Module
+) -> tuple[StepFn, optax.GradientTransformation, dict[str, np.ndarray]]:
+    """The (unjitted) train step of `config`, its optimizer and its runtime inputs (host arrays).
+
+    Builds each part of the step once from the config: the optimizer and lr schedule, the label
+    function, the noise schedule and the loss function (DPO, or SFT for label mode 'sft').
+    Runtime inputs (see `train_step.make_consts`) include beta and the label weights: runs that
+    differ only in them (e.g. label mode 'single' on another scorer) share one program.
+    """
+    label = config.label
+    tx, lr_schedule = optim.make_optimizer(
+        config.optim, int(config.train.global_batch_size), int(config.train.steps)
+    )
+    label_fn = labels.make_label_fn(
+        label.mode,
+        info.scorer_names,
+        scorer=label.scorer,
+        smpo_lo=float(label.smpo_lo),
+        smpo_hi=float(label.smpo_hi),
+        smpo_scale=float(label.smpo_scale),
+    )
+    schedule = schedules.make_schedule(
+        num_train_timesteps=int(config.diffusion.num_train_timesteps),
+        beta_schedule=config.diffusion.beta_schedule,
+        beta_start=float(config.diffusion.beta_start),
+        beta_end=float(config.diffusion.beta_end),
+    )
+    loss_fn = train_step.make_loss_fn(
+        "sft" if label.mode == "sft" else "dpo",
+        model,
+        schedule,
+        prediction_type=config.model.prediction_type,
+        vae_scaling_factor=float(info.vae_scaling_factor),
+        proportion_empty_prompts=float(config.dpo.proportion_empty_prompts),
+    )
+    step_fn = functools.partial(
+        train_step.train_step,
+        loss_fn=loss_fn,
+        label_fn=label_fn,
+        tx=tx,
+        lr_schedule=lr_schedule,
+        grad_accum_steps=int(config.optim.grad_accum_steps),
+    )
+    consts = train_step.make_consts(
+        beta=float(config.dpo.beta),
+        weights_K=labels.label_weights(label.mode, info.scorer_names, label.scorer, label.weights),
+        score_std_K=info.score_std,
+        empty_text_embeds=info.empty_text_embeds,
+        empty_pooled_text_embeds=info.empty_pooled_text_embeds if info.pooled_dim else None,
+    )
+    return step_fn, tx, consts
+
+
+def make_refresh(dpo_config: ml_collections.ConfigDict) -> Callable[[TrainState], TrainState]:
+    """The reference refresh of config.dpo.ref_update: a copy, or an EMA step."""
+    if dpo_config.ref_update == "ema":
+        return functools.partial(train_step.ema_reference, decay=float(dpo_config.ref_ema_decay))
+    return train_step.refresh_reference
+
+
+def jit_train_step(step_fn: StepFn, shardings: TrainState, mesh: Mesh) -> jax.stages.Wrapped:
+    """`step_fn` jitted with explicit shardings: the state as `shardings` (donated), the batch
+    over the batch axes, the consts and the metrics replicated."""
+    replicated = sharding.replicated(mesh)
+    return jax.jit(
+        step_fn,
+        in_shardings=(shardings, sharding.batch_sharding(mesh), replicated),
+        out_shardings=(shardings, replicated),
+        donate_argnums=(0,),
+    )
+
+
+def jit_refresh(dpo_config: ml_collections.ConfigDict, shardings: TrainState) -> jax.stages.Wrapped:
+    """`make_refresh(dpo_config)` jitted: the state as `shardings`, donated."""
+    return jax.jit(
+        make_refresh(dpo_config),
+        in_shardings=(shardings,),
+        out_shardings=shardings,
+        donate_argnums=(0,),
+    )
 
 
 def _write_json(path: str, obj: Any) -> None:
@@ -66,10 +174,13 @@ def _write_json(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def _initial_state(config, host_params, fns: train_step.StepFunctions) -> train_state.TrainState:
+def _initial_state(
+    config: ml_collections.ConfigDict,
+    host_params: train_state.Params | None,
+    inits: train_state.Initializers,
+) -> TrainState:
     """A fresh state: random init, loaded diffusers weights, or init_checkpoint's params."""
     key = jax.random.PRNGKey(int(config.seed))
-    inits = fns.inits
     if config.model.init_checkpoint:
         params = checkpointing.restore_params(
             config.model.init_checkpoint, inits.abstract.params, inits.shardings.params
@@ -80,19 +191,18 @@ def _initial_state(config, host_params, fns: train_step.StepFunctions) -> train_
     return inits.init_random(key)
 
 
-def _check_losses(pending: list[tuple[int, jax.Array]]) -> None:
-    """Fetch the losses since the last check; stop at the first non-finite one."""
-    values = jax.device_get([loss for _, loss in pending])
-    for (step, _), value in zip(pending, values, strict=True):
-        metrics_writer.check_finite(step, float(value))
-    pending.clear()
+def _log_summary(
+    writer: metrics_writer.MetricsWriter, step: int, scalars: Mapping[str, float], what: str
+) -> None:
+    logging.info("%s: %s", what, ", ".join(f"{k} {v:,.6g}" for k, v in scalars.items()))
+    writer.write_summary(step, scalars)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train_state.TrainState:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Train (or resume) the run of `config` in `workdir`; returns the final state."""
     validate_config(config)
     os.makedirs(workdir, exist_ok=True)
-    mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axis_names)
+    mesh = sharding.make_mesh(config.mesh.shape)  # axes: sharding.BATCH_AXES
     global_batch = int(config.train.global_batch_size)
     sharding.check_batch_divisible(global_batch, mesh, int(config.optim.grad_accum_steps))
     rules = sharding.validate_rules(config.mesh.rules)
@@ -105,7 +215,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
-    cfg = train_step.make_step_config(config, info)  # validates the label config
+    labels.check_label_config(config.label, info.scorer_names)
     if abs(float(config.diffusion.vae_scaling_factor) - float(info.vae_scaling_factor)) > 1e-9:
         logging.warning(
             "config.diffusion.vae_scaling_factor=%s differs from the data's %s; using the data's",
@@ -118,14 +228,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
         text_shape=info.text_shape,
         pooled_dim=info.pooled_dim,
     )
-    fns = train_step.make_step_functions(
-        model,
-        cfg,
-        mesh,
-        rules,
-        int(config.mesh.fsdp_min_size),
-        config.dpo.ref_update,
-        float(config.dpo.ref_ema_decay),
+    step_fn, tx, host_consts = make_train_step(config, info, model)
+    inits = train_state.make_initializers(model, tx, mesh, rules, int(config.mesh.fsdp_min_size))
+    jit_step = jit_train_step(step_fn, inits.shardings, mesh)
+    refresh = jit_refresh(config.dpo, inits.shardings)
+    batch_sharding = sharding.batch_sharding(mesh)
+    consts = jax.device_put(host_consts, sharding.replicated(mesh))
+    write_grid = (
+        grids.training_grid_writer(config, model, info) if config.train.sample_every else None
     )
     _write_json(os.path.join(workdir, checkpointing.UNET_CONFIG_FILE), unet_cfg)
     config_dict = json.loads(config.to_json_best_effort())
@@ -135,14 +245,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
         workdir, int(config.train.keep_checkpoints), bool(config.train.async_checkpoints)
     )
     data_iter = iter(dataset)
-    state = checkpointing.restore_latest(manager, fns.inits.abstract, fns.shardings, data_iter)
+    state = checkpointing.restore_latest(manager, inits.abstract, inits.shardings, data_iter)
     if state is None:
-        state = _initial_state(config, host_params, fns)
+        state = _initial_state(config, host_params, inits)
     else:
         logging.info("resumed from %s at step %d", manager.directory, int(state.step))
     del host_params
 
-    consts = train_step.make_consts(info, cfg, float(config.dpo.beta), mesh)
     total = int(config.train.steps)
     start = int(state.step)
     writer = metrics_writer.MetricsWriter(
@@ -152,29 +261,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
         pairs_per_step=global_batch,
         progress=bool(config.train.progress_bar),
     )
-    ref_every = int(config.dpo.ref_update_every)
-    pending: list[tuple[int, jax.Array]] = []
+    counts = train_state.param_counts(inits.abstract.params)
+    _log_summary(writer, start, {f"params/{k}": v for k, v in counts.items()}, "parameters")
+    log_every, ckpt_every = int(config.train.log_every), int(config.train.checkpoint_every)
+    ref_every, sample_every = int(config.dpo.ref_update_every), int(config.train.sample_every)
+
+    def report(step: int, metrics: train_step.Metrics) -> None:
+        """Host copy of one step's metrics: stop at a non-finite loss, write at log steps."""
+        host = jax.device_get(metrics)
+        metrics_writer.check_finite(step, float(host["loss"]))
+        if step % log_every == 0 or step == total:
+            writer.write(step, host)
+
+    compiled = None
+    pending: tuple[int, train_step.Metrics] | None = None  # the last step's, still on device
     try:
         for step in range(start + 1, total + 1):  # `step` = optimiser steps done after this one
             host_batch = next(data_iter)
-            batch = data.to_global_batch(
-                {k: host_batch[k] for k in _BATCH_KEYS if k in host_batch}, fns.batch_sharding
+            batch = sharding.to_global_batch(
+                {k: host_batch[k] for k in schema.BATCH_FIELDS if k in host_batch}, batch_sharding
             )
-            state, metrics = fns.train_step(state, batch, consts)
-            pending.append((step, metrics["loss"]))
+            if compiled is None:
+                t0 = time.perf_counter()
+                compiled = jit_step.lower(state, batch, consts).compile()
+                _log_summary(writer, start, {"compile_seconds": time.perf_counter() - t0}, "step")
+            state, metrics = compiled(state, batch, consts)
             if ref_every and step % ref_every == 0:
-                state = fns.refresh(state)
+                state = refresh(state)
+            if pending is not None:  # the previous step's metrics, while the device runs this one
+                report(*pending)
+            pending = (step, metrics)
             writer.advance(step)
-            is_log = step % int(config.train.log_every) == 0 or step == total
-            is_ckpt = step % int(config.train.checkpoint_every) == 0 or step == total
-            if is_log or is_ckpt:
-                _check_losses(pending)  # never save or log past a non-finite loss
-            if is_log:
-                writer.write(step, jax.device_get(metrics))
-            if is_ckpt:
+            if step % ckpt_every == 0 or step == total:
+                report(*pending)  # never save past a non-finite loss
+                pending = None
                 checkpointing.save(manager, step, state, data_iter, config_dict)
-            if int(config.train.sample_every) and step % int(config.train.sample_every) == 0:
-                _sample_grid(config, model, state, host_batch, info, workdir, step)
+            if sample_every and step % sample_every == 0:
+                write_grid(state.params, host_batch, workdir, step)
+        if pending is not None:
+            report(*pending)
     finally:
         manager.wait_until_finished()
         manager.close()
@@ -186,79 +311,72 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> train
     return state
 
 
-@functools.lru_cache(maxsize=2)
-def _vae_decoder(path: str, subfolder: str | None):
-    from bdpo_jax import vae
+# --- command line ---------------------------------------------------------------------------
 
-    module, params = vae.load_vae_decoder(path, subfolder=subfolder)
-    return module, params
+_PROG = "bdpo_jax.train"
+_CONFIG_OVERRIDE = "--config."
 
 
-def _sample_grid(config, model, state, host_batch, info, workdir: str, step: int) -> None:
-    """WORKDIR/samples/step_N.png: the batch's first prompts sampled with the current params."""
-    from bdpo_jax import grids
-
-    n = min(4, host_batch["text_embeds"].shape[0])
-    text = np.asarray(host_batch["text_embeds"][:n], np.float32)
-    uncond = np.repeat(np.asarray(info.empty_text_embeds, np.float32)[None], n, axis=0)
-    index = host_batch.get("index", np.arange(n))[:n]
-    prompts = [f"record {int(i)}" for i in index]
-    if config.data.source == "shards":
-        prompts = [
-            r["prompt"] for r in data.read_records(config.data.path, [int(i) for i in index])
-        ]
-    decoder = None
-    if info.latent_shape[0] != 3:  # latent model: decode with the VAE
-        if config.sample.vae:
-            vae_module, vae_params = _vae_decoder(config.sample.vae, None)
-        else:
-            vae_module, vae_params = _vae_decoder(config.model.pretrained, "vae")
-        decoder = (vae_module, vae_params, float(info.vae_scaling_factor))
-    added = uncond_added = None
-    if info.pooled_dim:
-        time_ids = np.asarray(host_batch["add_time_ids"][:n], np.float32)
-        added = {
-            "text_embeds": np.asarray(host_batch["pooled_text_embeds"][:n], np.float32),
-            "time_ids": time_ids,
-        }
-        uncond_added = {
-            "text_embeds": np.repeat(
-                np.asarray(info.empty_pooled_text_embeds, np.float32)[None], n, axis=0
-            ),
-            "time_ids": time_ids,
-        }
-    path = os.path.join(workdir, "samples", f"step_{step:06d}.png")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    grids.sample_grid_for_training(
-        model,
-        state.params,
-        text,
-        uncond,
-        prompts,
-        jax.random.PRNGKey(step),
-        path,
-        config.sample,
-        config,
-        decoder,
-        latent_shape=tuple(info.latent_shape),
-        added_cond_kwargs=added,
-        uncond_added_cond_kwargs=uncond_added,
-    )
+def _unknown_field_message(argv: Sequence[str], error: Exception) -> str | None:
+    """One line naming the `--config.a.b` override whose field does not exist (ml_collections
+    raises a KeyError or AttributeError "'b'\\nDid you mean ...?"), or None if none is found."""
+    text = str(error)
+    key = re.search(r"[A-Za-z_]\w*", text)
+    if key is None:
+        return None
+    hint = re.search(r'Did you mean "(\w+)"', text)
+    for arg in argv[1:]:
+        if not arg.startswith(_CONFIG_OVERRIDE):
+            continue
+        path = arg[len(_CONFIG_OVERRIDE) :].split("=", 1)[0]
+        if key.group(0) in path.split("."):
+            suggestion = f' (did you mean "{hint.group(1)}"?)' if hint else ""
+            return f"{arg}: config.{path} is not a config field{suggestion}"
+    return None
 
 
-def main(argv: list[str]) -> None:
-    del argv
-    sharding.maybe_initialize_distributed()
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+def _parse_flags(argv: Sequence[str]) -> list[str]:
+    """absl's flag parsing, with its errors as ConfigError (one line, exit code 2)."""
+    from absl import flags
+
+    try:
+        return flags.FLAGS(list(argv))
+    except flags.Error as error:  # unknown flag, bad value, missing --workdir
+        raise ConfigError(str(error)) from error
+    except (AttributeError, KeyError) as error:  # an unknown --config.a.b field
+        message = _unknown_field_message(argv, error)
+        if message is None:
+            raise
+        raise ConfigError(message) from error
 
 
-if __name__ == "__main__":
+def _config_value(config_flag: Any) -> ml_collections.ConfigDict:
+    """The --config file's config; a file that failed to load raises on first use: ConfigError."""
+    try:
+        return config_flag.value.lock()  # lock() returns the (already locked) config
+    except OSError as error:
+        reason = str(error).strip().splitlines()[-1].strip()
+        raise ConfigError(f"--config: cannot load the config file: {reason}") from error
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The command line (see the module docstring)."""
     from absl import app, flags
     from ml_collections import config_flags
 
-    _CONFIG = config_flags.DEFINE_config_file(
+    argv, debug = schema.pop_debug_flag(sys.argv if argv is None else argv)
+    config_flag = config_flags.DEFINE_config_file(
         "config", None, "a configs/*.py file", lock_config=True
     )
-    _WORKDIR = flags.DEFINE_string("workdir", None, "run folder: checkpoints, metrics, config")
+    workdir_flag = flags.DEFINE_string("workdir", None, "run folder: checkpoints, metrics, config")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+
+    def run(_: Any) -> None:
+        sharding.maybe_initialize_distributed()
+        train_and_evaluate(_config_value(config_flag), workdir_flag.value)
+
+    schema.run_cli(_PROG, lambda: app.run(run, argv=argv, flags_parser=_parse_flags), debug)
+
+
+if __name__ == "__main__":
+    main()

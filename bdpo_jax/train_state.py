@@ -9,18 +9,23 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 from bdpo_jax import sharding
+from bdpo_jax.models.dtypes import dtype_from_name  # config.model.param_dtype / compute_dtype
+from bdpo_jax.schema import ConfigError
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+Params = Mapping[str, Any]  # a Flax params tree: {module name: {... : jax.Array}}
 
 
 @flax.struct.dataclass
@@ -28,9 +33,9 @@ class TrainState:
     """step: optimiser steps done; rng: base key (per-step keys are fold_in(rng, step))."""
 
     step: jax.Array
-    params: Any
-    ref_params: Any
-    opt_state: Any
+    params: Params
+    ref_params: Params
+    opt_state: optax.OptState
     rng: jax.Array
 
     def to_dict(self) -> dict[str, Any]:
@@ -48,13 +53,13 @@ class TrainState:
         return cls(**{k: d[k] for k in ("step", "params", "ref_params", "opt_state", "rng")})
 
 
-def dtype_from_name(name: str, field: str) -> Any:
-    if name not in _DTYPES:
-        raise ValueError(f"{field}={name!r}: expected one of {sorted(_DTYPES)}")
-    return _DTYPES[name]
-
-
-def resolve_unet_config(spec: str, *, latent_shape, text_shape, pooled_dim) -> dict[str, Any]:
+def resolve_unet_config(
+    spec: str,
+    *,
+    latent_shape: Sequence[int],
+    text_shape: Sequence[int],
+    pooled_dim: int | None,
+) -> dict[str, Any]:
     """A diffusers UNet config dict from config.model.unet_config.
 
     "tiny:<family>" -> presets.tiny_unet_config sized to the data (channels, latent size, text
@@ -75,7 +80,7 @@ def resolve_unet_config(spec: str, *, latent_shape, text_shape, pooled_dim) -> d
         )
         if cfg.get("addition_embed_type") == "text_time":
             if not pooled_dim:
-                raise ValueError(
+                raise ConfigError(
                     f"config.model.unet_config={spec!r} needs pooled text embeddings; the data "
                     "has none (set data.synthetic_pooled_dim for synthetic data)"
                 )
@@ -87,7 +92,7 @@ def resolve_unet_config(spec: str, *, latent_shape, text_shape, pooled_dim) -> d
         return dict(presets.real_unet_config(spec))
     path = os.path.join(spec, "config.json") if os.path.isdir(spec) else spec
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise ConfigError(
             f"config.model.unet_config={spec!r}: not 'tiny:<family>', 'sd15', 'sd21', 'sdxl' "
             f"nor an existing config.json ({path} not found)"
         )
@@ -96,8 +101,12 @@ def resolve_unet_config(spec: str, *, latent_shape, text_shape, pooled_dim) -> d
 
 
 def build_model(
-    model_config: ml_collections.ConfigDict, *, latent_shape, text_shape, pooled_dim
-) -> tuple[Any, dict[str, Any], Any | None]:
+    model_config: ml_collections.ConfigDict,
+    *,
+    latent_shape: Sequence[int],
+    text_shape: Sequence[int],
+    pooled_dim: int | None,
+) -> tuple[nn.Module, dict[str, Any], Params | None]:
     """(Flax UNet, its diffusers config dict, host params or None for a random init).
 
     config.model.unet_config set -> random init from that config; else load_unet(pretrained,
@@ -122,7 +131,7 @@ def build_model(
         model = UNet2DConditionModel.from_config(unet_cfg, **kwargs)
         return model, config_to_dict(model.config), None
     if not model_config.pretrained:
-        raise ValueError(
+        raise ConfigError(
             "set config.model.pretrained (hub id or folder) or config.model.unet_config"
         )
     model, params = load_unet(
@@ -138,7 +147,10 @@ def build_model(
 
 
 def init_state(
-    model: Any, tx: optax.GradientTransformation, key: jax.Array, params: Any = None
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    key: jax.Array,
+    params: Params | None = None,
 ) -> TrainState:
     """The initial state from a PRNGKey (pure: traced under eval_shape and jit).
 
@@ -159,27 +171,26 @@ def init_state(
     )
 
 
-def state_shardings(abstract_state: TrainState, mesh, rules, min_size: int) -> TrainState:
-    """NamedShardings for every leaf: params, ref_params and opt_state by the same rules."""
-    return sharding.tree_shardings(abstract_state, mesh, rules, min_size)
-
-
 class Initializers(NamedTuple):
     """Shapes first: the abstract state, its shardings, and jitted sharded initialisers."""
 
-    abstract: TrainState
-    shardings: TrainState
-    init_random: Any  # key -> state (random params), materialised sharded
-    init_from_params: Any  # (params, key) -> state; params already placed as shardings.params
+    abstract: TrainState  # jax.ShapeDtypeStruct leaves
+    shardings: TrainState  # NamedSharding leaves: params, ref_params, opt_state by the same rules
+    init_random: Callable[[jax.Array], TrainState]  # key -> state, random params, sharded
+    init_from_params: Callable[[Params, jax.Array], TrainState]  # params placed as shardings
 
 
 def make_initializers(
-    model: Any, tx: optax.GradientTransformation, mesh, rules=(), min_size: int = 2**18
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    rules: Sequence[tuple[str, str]] = (),
+    min_size: int = 2**18,
 ) -> Initializers:
     """jax.eval_shape -> shardings -> jax.jit(init, out_shardings=...): no full-size host copy."""
     key = jax.random.PRNGKey(0)
     abstract = jax.eval_shape(lambda k: init_state(model, tx, k), key)
-    shardings = state_shardings(abstract, mesh, rules, min_size)
+    shardings = sharding.tree_shardings(abstract, mesh, rules, min_size)
     repl = sharding.replicated(mesh)
     init_random = jax.jit(
         lambda k: init_state(model, tx, k), in_shardings=(repl,), out_shardings=shardings
@@ -192,7 +203,7 @@ def make_initializers(
     return Initializers(abstract, shardings, init_random, init_from_params)
 
 
-def place_params(host_params: Any, inits: Initializers) -> Any:
+def place_params(host_params: Params, inits: Initializers) -> Params:
     """Loaded host weights cast to the abstract params' dtypes and placed sharded."""
     return jax.tree.map(
         lambda x, a, s: jax.device_put(np.asarray(x, dtype=a.dtype), s),
@@ -202,19 +213,11 @@ def place_params(host_params: Any, inits: Initializers) -> Any:
     )
 
 
-def create_train_state(
-    model: Any,
-    tx: optax.GradientTransformation,
-    *,
-    seed: int,
-    mesh,
-    rules=(),
-    min_size: int = 2**18,
-    host_params: Any = None,
-) -> tuple[TrainState, TrainState]:
-    """(state, shardings): random init, or `host_params` (loaded weights) placed sharded."""
-    inits = make_initializers(model, tx, mesh, rules, min_size)
-    key = jax.random.PRNGKey(seed)
-    if host_params is None:
-        return inits.init_random(key), inits.shardings
-    return inits.init_from_params(place_params(host_params, inits), key), inits.shardings
+def param_counts(params: Params) -> dict[str, int]:
+    """Parameter count per top-level module (e.g. 'down_blocks_0') and 'total' (works on the
+    abstract params of `Initializers.abstract` too)."""
+    counts = {
+        name: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(sub))
+        for name, sub in params.items()
+    }
+    return {"total": sum(counts.values()), **counts}

@@ -4,111 +4,65 @@ Follows the authors' train.py (SalesforceAIResearch/DiffusionDPO) per pair:
 latents sampled from the stored VAE moments, ONE noise and ONE timestep shared by both
 images, the policy on the 2B batch [image 1; image 2] in one UNet call and the reference in
 another (no gradient), per-image mse over C, H, W against the epsilon or v target, then
-`loss.dpo_loss` (beta applied once). Labels come from `labels.label_for_batch` (the mode is
-static). Gradient accumulation is a `lax.scan` over micro-batches: one call = one optimiser
-step. The per-step key is fold_in(state.rng, state.step), so a resumed run draws the same noise.
+`loss.dpo_loss` (beta applied once). `sft_loss_fn` is the SFT baseline: one UNet call on the
+B winners. The caller picks the loss function and the label function (`labels.make_label_fn`)
+once and binds them with functools.partial (see bdpo_jax.train):
+
+    step = jax.jit(functools.partial(train_step, loss_fn=..., label_fn=..., tx=..., ...))
+
+Gradient accumulation is a `lax.scan` over micro-batches: one call = one optimiser step. The
+per-step key is fold_in(state.rng, state.step), so a resumed run draws the same noise.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Any, NamedTuple
+from collections.abc import Callable, Mapping
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
 from bdpo_jax import labels as labels_lib
 from bdpo_jax import loss as loss_lib
-from bdpo_jax import optim, schedules, sharding, train_state
-from bdpo_jax.train_state import TrainState
+from bdpo_jax import schedules
+from bdpo_jax.schema import MODEL_INPUT_FIELDS
+from bdpo_jax.train_state import Params, TrainState
 
 _LOGVAR_MIN, _LOGVAR_MAX = -30.0, 20.0  # diffusers DiagonalGaussianDistribution clamp
+REF_UPDATES = ("copy", "ema")  # config.dpo.ref_update
+
+Batch = Mapping[str, jax.Array]
+Metrics = dict[str, jax.Array]
+# (params, ref_params, micro-batch, label, rng, consts) -> (loss, metrics)
+LossFn = Callable[[Params, Params, Batch, jax.Array, jax.Array, Batch], tuple[jax.Array, Metrics]]
 
 
-@dataclasses.dataclass(frozen=True)
-class StepConfig:
-    """Everything static about the step (hashable: it keys the compile cache).
+def make_consts(
+    *,
+    beta: float,
+    weights_K: np.ndarray,
+    score_std_K: np.ndarray,
+    empty_text_embeds: np.ndarray,
+    empty_pooled_text_embeds: np.ndarray | None,
+) -> dict[str, np.ndarray]:
+    """The step's runtime inputs besides state and batch (host arrays; the caller places them
+    replicated).
 
-    Values that do not change the computation are normalised (total_steps only matters for a
-    cosine schedule, global_batch_size only with scale_lr) so equal programs share a compile.
-    beta and the dataset's score stats are runtime inputs (`consts`), not compile keys.
+    beta [], weights_K [K] (`labels.label_weights`), score_std_K [K] (dataset stats),
+    empty_text_embeds [L, D] and, for SDXL, empty_pooled_text_embeds [P] (prompt dropout).
     """
-
-    prediction_type: str
-    label_mode: str
-    scorer_names: tuple[str, ...]
-    scorer: str
-    weights: tuple[float, ...] | None
-    smpo_lo: float
-    smpo_hi: float
-    smpo_scale: float
-    proportion_empty_prompts: float
-    vae_scaling_factor: float
-    grad_accum_steps: int
-    schedule: tuple[tuple[str, Any], ...]  # make_schedule kwargs
-    optim: tuple[tuple[str, Any], ...]  # config.optim items
-    global_batch_size: int
-    total_steps: int
-
-    def optimizer(self) -> tuple[optax.GradientTransformation, optax.Schedule]:
-        optim_config = ml_collections.ConfigDict(dict(self.optim))
-        return optim.make_optimizer(optim_config, self.global_batch_size, self.total_steps)
-
-    def make_schedule(self) -> Any:
-        return schedules.make_schedule(**dict(self.schedule))
-
-
-def make_step_config(config: ml_collections.ConfigDict, info: Any) -> StepConfig:
-    """The StepConfig of a run from its config and DatasetInfo (validates the label config)."""
-    labels_lib.check_label_config(config.label, info.scorer_names)
-    weights = None
-    if config.label.mode in labels_lib.WEIGHTED_MODES:
-        weights = tuple(
-            float(w) for w in labels_lib.parse_weights(config.label.weights, info.scorer_names)
-        )
-    label = config.label
-    return StepConfig(
-        prediction_type=config.model.prediction_type,
-        label_mode=label.mode,
-        scorer_names=tuple(info.scorer_names),
-        scorer=label.scorer,
-        weights=weights,
-        smpo_lo=float(label.get("smpo_lo", 0.11544)),
-        smpo_hi=float(label.get("smpo_hi", 0.28202)),
-        smpo_scale=float(label.get("smpo_scale", 10.0)),
-        proportion_empty_prompts=float(config.dpo.proportion_empty_prompts),
-        vae_scaling_factor=float(info.vae_scaling_factor),
-        grad_accum_steps=int(config.optim.grad_accum_steps),
-        schedule=(
-            ("num_train_timesteps", int(config.diffusion.num_train_timesteps)),
-            ("beta_schedule", config.diffusion.beta_schedule),
-            ("beta_start", float(config.diffusion.beta_start)),
-            ("beta_end", float(config.diffusion.beta_end)),
-        ),
-        optim=tuple(sorted(config.optim.to_dict().items())),
-        global_batch_size=int(config.train.global_batch_size) if config.optim.scale_lr else 1,
-        total_steps=int(config.train.steps) if config.optim.schedule == "cosine" else 0,
-    )
-
-
-def make_consts(info: Any, cfg: StepConfig, beta: float, mesh: Any) -> dict[str, jax.Array]:
-    """The step's runtime inputs besides state and batch, replicated over `mesh`."""
-    consts: dict[str, Any] = {
+    consts = {
         "beta": np.float32(beta),
-        "empty_text_embeds": np.asarray(info.empty_text_embeds, np.float32),
-        "score_std_K": np.asarray(info.score_std, np.float32),
+        "weights_K": np.asarray(weights_K, np.float32),
+        "score_std_K": np.asarray(score_std_K, np.float32),
+        "empty_text_embeds": np.asarray(empty_text_embeds, np.float32),
     }
-    if info.pooled_dim:
-        consts["empty_pooled_text_embeds"] = np.asarray(info.empty_pooled_text_embeds, np.float32)
-    if cfg.weights is not None:
-        consts["weights_K"] = np.asarray(cfg.weights, np.float32)
-    if cfg.label_mode == "single":  # a runtime input: single-scorer runs share a compile
-        consts["scorer_onehot_K"] = labels_lib.scorer_onehot(cfg.scorer_names, cfg.scorer)
-    return jax.device_put(consts, sharding.replicated(mesh))
+    if empty_pooled_text_embeds is not None:
+        consts["empty_pooled_text_embeds"] = np.asarray(empty_pooled_text_embeds, np.float32)
+    return consts
 
 
 def sample_latents(moments_Bx2xCxHxW: jax.Array, rng: jax.Array, scaling: float) -> jax.Array:
@@ -120,22 +74,24 @@ def sample_latents(moments_Bx2xCxHxW: jax.Array, rng: jax.Array, scaling: float)
     return (mean_BxCxHxW + jnp.exp(0.5 * logvar_BxCxHxW) * n_BxCxHxW) * scaling
 
 
-def _per_image_mse(model, params, xt_NxCxHxW, t_N, text_NxLxD, added, target_NxCxHxW):
-    pred = model.apply({"params": params}, xt_NxCxHxW, t_N, text_NxLxD, added_cond_kwargs=added)
-    err = (pred.astype(jnp.float32) - target_NxCxHxW) ** 2
-    return err.mean(axis=(1, 2, 3))
-
-
-def _micro_step(params, ref_params, mb, label, rng, consts, *, model, schedule, cfg: StepConfig):
-    """Loss, metrics and gradient of one micro-batch."""
+def _noised_pairs(
+    mb: Batch,
+    rng: jax.Array,
+    consts: Batch,
+    *,
+    schedule: schedules.Schedule,
+    vae_scaling_factor: float,
+    proportion_empty_prompts: float,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, Batch | None]:
+    """Both images' latents, the pair's shared noise and timestep, and its (dropped) prompt."""
     b = mb["moments_0"].shape[0]
     k_x1, k_x2, k_eps, k_t, k_drop = jax.random.split(rng, 5)
-    x0_1 = sample_latents(mb["moments_0"], k_x1, cfg.vae_scaling_factor)
-    x0_2 = sample_latents(mb["moments_1"], k_x2, cfg.vae_scaling_factor)
+    x0_1 = sample_latents(mb["moments_0"], k_x1, vae_scaling_factor)
+    x0_2 = sample_latents(mb["moments_1"], k_x2, vae_scaling_factor)
     eps_BxCxHxW = jax.random.normal(k_eps, x0_1.shape, jnp.float32)
-    t_B = schedules.sample_timesteps(k_t, b, schedule_num_steps(cfg))
+    t_B = schedules.sample_timesteps(k_t, b, schedule.num_train_timesteps)
 
-    drop_B = jax.random.uniform(k_drop, (b,)) < cfg.proportion_empty_prompts  # per pair
+    drop_B = jax.random.uniform(k_drop, (b,)) < proportion_empty_prompts  # per pair
     text_BxLxD = jnp.where(
         drop_B[:, None, None], consts["empty_text_embeds"][None], mb["text_embeds"]
     ).astype(jnp.float32)
@@ -145,61 +101,141 @@ def _micro_step(params, ref_params, mb, label, rng, consts, *, model, schedule, 
             drop_B[:, None], consts["empty_pooled_text_embeds"][None], mb["pooled_text_embeds"]
         ).astype(jnp.float32)
         added_B = {"text_embeds": pooled_BxP, "time_ids": mb["add_time_ids"].astype(jnp.float32)}
+    return x0_1, x0_2, eps_BxCxHxW, t_B, text_BxLxD, added_B
 
-    if cfg.label_mode == "sft":
-        # only the winner (label = its index) is trained on, as Diffusion-DPO's --sft loads only
-        # winners: one UNet call on the B winners with their pair's noise and timestep
-        x0_N = jnp.where((label == 0)[:, None, None, None], x0_1, x0_2)
-        copies = 1
-    else:  # both images of each pair in one call: [image 1 of every pair; image 2 of every pair]
-        x0_N = jnp.concatenate([x0_1, x0_2])
-        copies = 2
 
-    def per_image(x_B):  # the pair's value for each of the N = copies * B images
+def _mse_fn(
+    model: nn.Module,
+    schedule: schedules.Schedule,
+    prediction_type: str,
+    x0_NxCxHxW: jax.Array,
+    eps_BxCxHxW: jax.Array,
+    t_B: jax.Array,
+    text_BxLxD: jax.Array,
+    added_B: Batch | None,
+) -> Callable[[Params], jax.Array]:
+    """params -> per-image mse [N] of the N = copies * B images x0_N (the pair's noise, timestep
+    and prompt repeated for each copy)."""
+    copies = x0_NxCxHxW.shape[0] // eps_BxCxHxW.shape[0]
+
+    def per_image(x_B):
         return jnp.concatenate([x_B] * copies)
 
-    eps_N, t_N = per_image(eps_BxCxHxW), per_image(t_B)
-    mse = functools.partial(
-        _per_image_mse,
-        model,
-        xt_NxCxHxW=schedules.add_noise(schedule, x0_N, eps_N, t_N),
-        t_N=t_N,
-        text_NxLxD=per_image(text_BxLxD),
-        added=None if added_B is None else jax.tree.map(per_image, added_B),
-        target_NxCxHxW=schedules.training_target(schedule, x0_N, eps_N, t_N, cfg.prediction_type),
+    eps_N, t_N, text_N = per_image(eps_BxCxHxW), per_image(t_B), per_image(text_BxLxD)
+    added_N = None if added_B is None else jax.tree.map(per_image, added_B)
+    xt_N = schedules.add_noise(schedule, x0_NxCxHxW, eps_N, t_N)
+    target_N = schedules.training_target(schedule, x0_NxCxHxW, eps_N, t_N, prediction_type)
+
+    def mse(params: Params) -> jax.Array:
+        pred = model.apply({"params": params}, xt_N, t_N, text_N, added_cond_kwargs=added_N)
+        return ((pred.astype(jnp.float32) - target_N) ** 2).mean(axis=(1, 2, 3))
+
+    return mse
+
+
+def dpo_loss_fn(
+    params: Params,
+    ref_params: Params,
+    mb: Batch,
+    label: jax.Array,
+    rng: jax.Array,
+    consts: Batch,
+    *,
+    model: nn.Module,
+    schedule: schedules.Schedule,
+    prediction_type: str,
+    vae_scaling_factor: float,
+    proportion_empty_prompts: float,
+) -> tuple[jax.Array, Metrics]:
+    """Diffusion-DPO loss and metrics of one micro-batch: both images of each pair in one call,
+    [image 1 of every pair; image 2 of every pair], the reference in another (no gradient).
+
+    A [B, K] label (mode 'weighted_sum') is weighted by consts["weights_K"] (Eq. 10).
+    """
+    x0_1, x0_2, eps_B, t_B, text_B, added_B = _noised_pairs(
+        mb,
+        rng,
+        consts,
+        schedule=schedule,
+        vae_scaling_factor=vae_scaling_factor,
+        proportion_empty_prompts=proportion_empty_prompts,
+    )
+    b = x0_1.shape[0]
+    x0_2B = jnp.concatenate([x0_1, x0_2])
+    mse = _mse_fn(model, schedule, prediction_type, x0_2B, eps_B, t_B, text_B, added_B)
+    ref_2B = jax.lax.stop_gradient(mse(ref_params))
+    err_2B = mse(params)
+    return loss_lib.dpo_loss(
+        err_2B[:b],
+        err_2B[b:],
+        ref_2B[:b],
+        ref_2B[b:],
+        label,
+        consts["beta"],
+        weights_K=consts["weights_K"] if label.ndim == 2 else None,
     )
 
-    if cfg.label_mode == "sft":
 
-        def loss_fn(p):
-            mse_w_B = mse(p)
-            return loss_lib.sft_loss(mse_w_B), {"model_mse": mse_w_B.mean()}
-    else:
-        ref_2B = jax.lax.stop_gradient(mse(ref_params))
+def sft_loss_fn(
+    params: Params,
+    ref_params: Params,
+    mb: Batch,
+    label: jax.Array,
+    rng: jax.Array,
+    consts: Batch,
+    *,
+    model: nn.Module,
+    schedule: schedules.Schedule,
+    prediction_type: str,
+    vae_scaling_factor: float,
+    proportion_empty_prompts: float,
+) -> tuple[jax.Array, Metrics]:
+    """Plain SFT on the winners (label = the winner's index), as Diffusion-DPO's --sft loads only
+    winners: one UNet call on the B winners with their pair's noise and timestep. The
+    reference is not used."""
+    del ref_params
+    x0_1, x0_2, eps_B, t_B, text_B, added_B = _noised_pairs(
+        mb,
+        rng,
+        consts,
+        schedule=schedule,
+        vae_scaling_factor=vae_scaling_factor,
+        proportion_empty_prompts=proportion_empty_prompts,
+    )
+    x0_w = jnp.where((label == 0)[:, None, None, None], x0_1, x0_2)
+    mse_w_B = _mse_fn(model, schedule, prediction_type, x0_w, eps_B, t_B, text_B, added_B)(params)
+    return loss_lib.sft_loss(mse_w_B), {"model_mse": mse_w_B.mean()}
 
-        def loss_fn(p):
-            err_2B = mse(p)
-            return loss_lib.dpo_loss(
-                err_2B[:b],
-                err_2B[b:],
-                ref_2B[:b],
-                ref_2B[b:],
-                label,
-                consts["beta"],
-                weights_K=consts["weights_K"] if cfg.label_mode == "weighted_sum" else None,
-            )
 
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    return grads, {**metrics, "loss": loss}
+def make_loss_fn(
+    kind: str,
+    model: nn.Module,
+    schedule: schedules.Schedule,
+    *,
+    prediction_type: str,
+    vae_scaling_factor: float,
+    proportion_empty_prompts: float,
+) -> LossFn:
+    """`dpo_loss_fn` or `sft_loss_fn` (kind 'dpo' | 'sft') with the model and knobs bound."""
+    fns = {"dpo": dpo_loss_fn, "sft": sft_loss_fn}
+    if kind not in fns:
+        raise ValueError(f"loss kind {kind!r}: expected one of {sorted(fns)}")
+    return functools.partial(
+        fns[kind],
+        model=model,
+        schedule=schedule,
+        prediction_type=prediction_type,
+        vae_scaling_factor=float(vae_scaling_factor),
+        proportion_empty_prompts=float(proportion_empty_prompts),
+    )
 
 
-def schedule_num_steps(cfg: StepConfig) -> int:
-    return int(dict(cfg.schedule)["num_train_timesteps"])
+def _label_stats(label: jax.Array, batch: Batch) -> Metrics:
+    """Agreement of a [B] preference label with the human label (where there is one).
 
-
-def _label_stats(label: jax.Array, batch: dict, mode: str) -> dict[str, jax.Array]:
-    """Batch label statistics: agreement with the human label (where there is one)."""
-    if mode == "sft" or label.ndim != 1:
+    Not for SFT's winner index (int32) nor weighted_sum's per-scorer [B, K] label.
+    """
+    if label.ndim != 1 or not jnp.issubdtype(label.dtype, jnp.floating):
         return {}
     human = batch["human_label"].astype(jnp.float32)
     has_human = jnp.isfinite(human) & (human != 0) & (label != 0)
@@ -212,39 +248,33 @@ def _label_stats(label: jax.Array, batch: dict, mode: str) -> dict[str, jax.Arra
 
 def train_step(
     state: TrainState,
-    batch: dict[str, jax.Array],
-    consts: dict[str, jax.Array],
+    batch: Batch,
+    consts: Batch,
     *,
-    model: Any,
-    schedule: Any,
-    static_cfg: StepConfig,
-) -> tuple[TrainState, dict[str, jax.Array]]:
+    loss_fn: LossFn,
+    label_fn: labels_lib.LabelFn,
+    tx: optax.GradientTransformation,
+    lr_schedule: optax.Schedule,
+    grad_accum_steps: int = 1,
+) -> tuple[TrainState, Metrics]:
     """One optimiser step: labels, loss, gradient (accumulated), clip, update; scalar metrics.
 
-    consts: {"beta" [], "empty_text_embeds" [L, D], "empty_pooled_text_embeds" [P] (SDXL),
-    "weights_K" [K] (label modes with scorer weights), "score_std_K" [K] (dataset stats)}.
+    consts: see `make_consts`. loss_fn: `make_loss_fn`. label_fn: `labels.make_label_fn`.
     """
-    cfg = static_cfg
     rng = jax.random.fold_in(state.rng, state.step)
     k_label, k_step = jax.random.split(rng)
-    label = labels_lib.label_for_batch(
-        cfg.label_mode,
-        batch,
-        scorer_names=cfg.scorer_names,
-        scorer=cfg.scorer,
-        weights=consts.get("weights_K"),
-        score_std=consts.get("score_std_K"),
-        rng=k_label,
-        scorer_onehot=consts.get("scorer_onehot_K"),
-        smpo_lo=cfg.smpo_lo,
-        smpo_hi=cfg.smpo_hi,
-        smpo_scale=cfg.smpo_scale,
-    )
-    inputs = {k: v for k, v in batch.items() if k in _MODEL_INPUTS}
-    micro = functools.partial(_micro_step, model=model, schedule=schedule, cfg=cfg)
-    a = cfg.grad_accum_steps
+    label = label_fn(batch, consts["weights_K"], consts["score_std_K"], k_label)
+    inputs = {k: v for k, v in batch.items() if k in MODEL_INPUT_FIELDS}
+
+    def grad_fn(mb, mb_label, key):
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, state.ref_params, mb, mb_label, key, consts
+        )
+        return grads, {**metrics, "loss": loss}
+
+    a = grad_accum_steps
     if a == 1:
-        grads, metrics = micro(state.params, state.ref_params, inputs, label, k_step, consts)
+        grads, metrics = grad_fn(inputs, label, k_step)
     else:
 
         def split(x):  # micro-batch i = rows i, i + a, ...: every micro-batch spans all devices
@@ -252,9 +282,7 @@ def train_step(
 
         def body(grad_sum, xs):
             mb, mb_label, i = xs
-            g, m = micro(
-                state.params, state.ref_params, mb, mb_label, jax.random.fold_in(k_step, i), consts
-            )
+            g, m = grad_fn(mb, mb_label, jax.random.fold_in(k_step, i))
             return jax.tree.map(jnp.add, grad_sum, g), m
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -263,20 +291,16 @@ def train_step(
         grads = jax.tree.map(lambda g: g / a, grads)
         metrics = jax.tree.map(lambda m: m.mean(axis=0), metrics)
 
-    tx, lr_schedule = cfg.optimizer()
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
         **metrics,
-        **_label_stats(label, batch, cfg.label_mode),
+        **_label_stats(label, batch),
         "grad_norm": optax.global_norm(grads),
         "lr": lr_schedule(state.step),
     }
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
-
-
-_MODEL_INPUTS = ("moments_0", "moments_1", "text_embeds", "pooled_text_embeds", "add_time_ids")
 
 
 def refresh_reference(state: TrainState) -> TrainState:
@@ -288,48 +312,3 @@ def ema_reference(state: TrainState, decay: float) -> TrainState:
     """p_ref <- decay * p_ref + (1 - decay) * p_theta."""
     ref = jax.tree.map(lambda r, p: decay * r + (1.0 - decay) * p, state.ref_params, state.params)
     return state.replace(ref_params=ref)
-
-
-class StepFunctions(NamedTuple):
-    """Jitted, sharded functions of one (model, step config, mesh)."""
-
-    train_step: Any  # (state, batch, consts) -> (state, metrics); state donated
-    refresh: Any  # state -> state (reference refresh, copy or EMA); state donated
-    shardings: TrainState  # NamedSharding of every state leaf
-    batch_sharding: Any
-    inits: train_state.Initializers  # abstract state and jitted sharded initialisers
-
-
-@functools.lru_cache(maxsize=8)
-def make_step_functions(
-    model: Any,
-    cfg: StepConfig,
-    mesh: Any,
-    rules: tuple,
-    min_size: int,
-    ref_update: str = "copy",
-    ref_ema_decay: float = 0.99,
-) -> StepFunctions:
-    """Compile-once (cached) jitted step and refresh with explicit in/out shardings."""
-    tx, _ = cfg.optimizer()
-    inits = train_state.make_initializers(model, tx, mesh, rules, min_size)
-    shardings = inits.shardings
-    batch_sh = sharding.batch_sharding(mesh)
-    repl = sharding.replicated(mesh)
-    schedule = cfg.make_schedule()
-    step = jax.jit(
-        functools.partial(train_step, model=model, schedule=schedule, static_cfg=cfg),
-        in_shardings=(shardings, batch_sh, repl),
-        out_shardings=(shardings, repl),
-        donate_argnums=(0,),
-    )
-    if ref_update == "copy":
-        refresh_fn = refresh_reference
-    elif ref_update == "ema":
-        refresh_fn = functools.partial(ema_reference, decay=ref_ema_decay)
-    else:
-        raise ValueError(f"config.dpo.ref_update={ref_update!r}: expected 'copy' or 'ema'")
-    refresh = jax.jit(
-        refresh_fn, in_shardings=(shardings,), out_shardings=shardings, donate_argnums=(0,)
-    )
-    return StepFunctions(step, refresh, shardings, batch_sh, inits)

@@ -43,7 +43,8 @@ def write_shards(folder: str, num_records: int, options: str, per_shard: int = 5
         count = min(per_shard, num_records - shard)
         for i in range(count):
             scores = rng.normal(size=(K, 2))
-            votes = np.where(scores[:, 0] >= scores[:, 1], 1, -1)
+            votes_1xK = schema.votes_from_scores(scores[None])
+            label_1, margin_1 = schema.majority(votes_1xK)
             encoded = schema.encode_record(
                 {
                     "pair_id": f"p{shard + i}",
@@ -52,9 +53,9 @@ def write_shards(folder: str, num_records: int, options: str, per_shard: int = 5
                     "moments_1": rng.normal(size=(1, 2, *LATENT)).astype(np.float16),
                     "text_embeds": rng.normal(size=TEXT).astype(np.float16),
                     "scores": scores,
-                    "votes": votes,
-                    "label": int(np.sign(votes.sum())),
-                    "margin": int(votes.sum()),
+                    "votes": votes_1xK[0],
+                    "label": label_1[0],
+                    "margin": margin_1[0],
                     "human_label": 1.0,
                 }
             )

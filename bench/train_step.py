@@ -92,7 +92,7 @@ def run_jax(name: str, steps: int, weights_dir: str) -> dict:
     import jax
     import numpy as np
 
-    from bdpo_jax import data, sharding, train_step
+    from bdpo_jax import data, sharding, train, train_state
     from bdpo_jax.models import UNet2DConditionModel, save_unet
 
     config = _config(name)
@@ -112,15 +112,17 @@ def run_jax(name: str, steps: int, weights_dir: str) -> dict:
         empty_text_embeds=np.zeros(text_shape, np.float16),
         empty_pooled_text_embeds=None,
     )
-    cfg = train_step.make_step_config(config, info)
+    config.dpo.beta = BETA
+    step_fn, tx, consts = train.make_train_step(config, info, model)
     mesh = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
-    fns = train_step.make_step_functions(model, cfg, mesh, (), 2**18)
-    state = fns.inits.init_random(jax.random.PRNGKey(0))
+    inits = train_state.make_initializers(model, tx, mesh, (), 2**18)
+    state = inits.init_random(jax.random.PRNGKey(0))
     save_unet(model, jax.device_get(state.params), weights_dir)  # the torch side loads these
-    consts = train_step.make_consts(info, cfg, BETA, mesh)
-    batch = data.to_global_batch(_batch(name), fns.batch_sharding)
+    consts = jax.device_put(consts, sharding.replicated(mesh))
+    batch = sharding.to_global_batch(_batch(name), sharding.batch_sharding(mesh))
     t0 = time.perf_counter()
-    compiled = fns.train_step.lower(state, batch, consts).compile()
+    step = train.jit_train_step(step_fn, inits.shardings, mesh)
+    compiled = step.lower(state, batch, consts).compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     times, losses = [], []

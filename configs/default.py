@@ -8,6 +8,8 @@ and override fields only. Run:
 
 import ml_collections
 
+from bdpo_jax import labels
+
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
@@ -15,7 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- model: the UNet and where its weights come from -----------------------------------
     config.model = ml_collections.ConfigDict()
-    config.model.pretrained = "runwayml/stable-diffusion-v1-5"  # hub id or local diffusers folder
+    config.model.pretrained = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # hub id or folder
     config.model.subfolder = "unet"  # subfolder of `pretrained` holding the UNet ('' for none)
     config.model.unet_config = ""  # path/name of a UNet config.json to init randomly instead
     config.model.param_dtype = "float32"  # dtype the trained params are stored in
@@ -31,7 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.diffusion.beta_schedule = "scaled_linear"  # 'scaled_linear' | 'linear'
     config.diffusion.beta_start = 0.00085  # first beta
     config.diffusion.beta_end = 0.012  # last beta
-    config.diffusion.vae_scaling_factor = 0.18215  # latents = sample * factor (SDXL 0.13025)
+    config.diffusion.vae_scaling_factor = 0.18215  # latents = sample * factor; the data's wins
 
     # --- data -------------------------------------------------------------------------------
     config.data = ml_collections.ConfigDict()
@@ -57,10 +59,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.label.mode = "majority"
     config.label.scorer = ""  # scorer name for mode 'single' (and smpo's reward model)
     config.label.weights = ""  # 'name=w,...' for weighted/score/normalized_sum ('' = all 1/K)
-    config.label.smpo_lo = 0.11544  # 'smpo': score mapped to 0 (SmPO's PickScore low end)
-    config.label.smpo_hi = 0.28202  # 'smpo': score mapped to 1 (SmPO's PickScore high end)
-    config.label.smpo_scale = 10.0  # 'smpo': label = (2 * sigmoid(n_1 - n_2) - 1) * scale
-    config.label.tie_tolerance = 0.0  # |score_0 - score_1| <= tol counts as a tie vote for image 0
+    config.label.smpo_lo = labels.SMPO_LO  # 'smpo': score mapped to 0 (SmPO's PickScore low end)
+    config.label.smpo_hi = labels.SMPO_HI  # 'smpo': score mapped to 1 (SmPO's PickScore high end)
+    config.label.smpo_scale = labels.SMPO_SCALE  # 'smpo': (2 sigmoid(n_1 - n_2) - 1) * scale
 
     # --- DPO --------------------------------------------------------------------------------
     config.dpo = ml_collections.ConfigDict()
@@ -99,19 +100,17 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- sharding ---------------------------------------------------------------------------
     config.mesh = ml_collections.ConfigDict()
-    config.mesh.shape = (-1, 1)  # (data, fsdp); -1 takes the remaining devices
-    config.mesh.axis_names = ("data", "fsdp")  # batch is sharded over both axes
+    config.mesh.shape = (-1, 1)  # (data, fsdp) sizes; -1 takes the rest; the batch uses both axes
     config.mesh.fsdp_min_size = 2**18  # params with fewer elements stay replicated
     # (regex on the param path, tactic) pairs, first match wins; tactic 'replicate' | 'fsdp' |
     # explicit spec 'None,None,None,fsdp'; unmatched leaves use 'fsdp' (see bdpo_jax.sharding)
     config.mesh.rules = ()
 
-    # --- sampling (sample grids during training and bdpo_jax.sample) ---------------------
+    # --- sampling: sample grids during training (the batch's prompts; bdpo_jax.grids) -------
     config.sample = ml_collections.ConfigDict()
     config.sample.scheduler = "ddim"  # 'ddim' | 'dpmpp' (DPM-Solver++ 2M) | 'euler'
     config.sample.num_steps = 50  # denoising steps
     config.sample.guidance_scale = 7.5  # classifier-free guidance
-    config.sample.prompts = ()  # prompts for training sample grids
     config.sample.timestep_spacing = "leading"  # 'leading' | 'linspace' | 'trailing' (SD: leading)
     config.sample.steps_offset = 1  # added to 'leading' timesteps (SD scheduler configs: 1)
     config.sample.set_alpha_to_one = False  # DDIM's final alpha_cumprod: 1 or alphas_cumprod[0]

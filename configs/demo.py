@@ -1,11 +1,11 @@
-"""The built-in CPU demo (python -m bdpo_jax.demo): a procedural world, 32x32 pixel-space UNet.
+"""The built-in CPU demo (python -m bdpo_demo): a procedural world, 32x32 pixel-space UNet.
 
 The trainer fields are shared by the base SFT run and every DPO run; `config.demo` holds the
-demo's sizes and per-stage settings (bdpo_jax/demo/pipeline.py reads them). Every stage goes
+demo's sizes and per-stage settings (bdpo_demo/pipeline.py reads them). Every stage goes
 through the real code: preprocessing CLI, trainer, JAX sampler, evaluation protocol.
 
-    python -m bdpo_jax.demo --out demo_out            # this config
-    python -m bdpo_jax.demo --out demo_ci --ci        # configs/demo_ci.py (CI size)
+    python -m bdpo_demo --out demo_out            # this config
+    python -m bdpo_demo --out demo_ci --ci        # configs/demo_ci.py (CI size)
 """
 
 import ml_collections
@@ -16,7 +16,7 @@ from configs import default
 def get_config() -> ml_collections.ConfigDict:
     config = default.get_config()
     config.model.pretrained = ""
-    config.model.unet_config = ""  # set by the demo: OUT/unet_config.json (bdpo_jax.demo.model)
+    config.model.unet_config = ""  # set by the demo: OUT/unet_config.json (bdpo_demo.model)
     config.model.compute_dtype = "float32"
     config.model.remat = False
     # v-prediction: x0 = sqrt(a) x_t - sqrt(1 - a) v stays bounded at high noise; with epsilon

@@ -1,4 +1,4 @@
-"""CI size of the demo (tests/test_demo.py, `python -m bdpo_jax.demo --ci`): every stage, a
+"""CI size of the demo (tests/test_demo.py, `python -m bdpo_demo --ci`): every stage, a
 few steps each, one DPO run. Not meant to show anything but that the pipeline works."""
 
 from configs import demo

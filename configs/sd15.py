@@ -16,13 +16,11 @@ from configs import default
 
 def get_config():
     config = default.get_config()
-    config.model.pretrained = "runwayml/stable-diffusion-v1-5"
+    config.model.pretrained = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     config.model.subfolder = "unet"
     config.model.prediction_type = "epsilon"
     config.model.compute_dtype = "bfloat16"
     config.model.remat = True
-
-    config.diffusion.vae_scaling_factor = 0.18215
 
     config.data.source = "shards"
     config.data.path = ""  # required: --config.data.path=...

@@ -14,5 +14,4 @@ def get_config():
     config = sd15.get_config()
     config.model.pretrained = "stabilityai/stable-diffusion-2-1"
     config.model.prediction_type = "v_prediction"
-    config.diffusion.vae_scaling_factor = 0.18215
     return config

@@ -1,7 +1,7 @@
 """The paper's evaluation protocol end to end: generate, score, best-of-seeds win rates, report.
 
     python -m scorers_torch.evaluate \\
-        --models base=runwayml/stable-diffusion-v1-5,ours=exports/bdpo-sd15 \\
+        --models base=stable-diffusion-v1-5/stable-diffusion-v1-5,ours=exports/bdpo-sd15 \\
         --prompts PartiPrompts.tsv --scorers pickscore,hps,clip,aesthetic \\
         --scorer-config scorers.json --out eval/parti
 
@@ -10,7 +10,9 @@ as DIR/images/<model>/<prompt_id>_<seed>.png; every scorer scores every image in
 DIR/scores.parquet (model, prompt_id, prompt, seed, metric, score). A rerun reuses existing
 images and scored rows. Outputs: winrates.md/.csv, means.md/.csv, winrates_vs_<ref>.png,
 grid.png, results.json, and winrates_by_group.md/.csv for sets with categories (PartiPrompts).
-`evaluate(...)` is the Python API the CLI and the demo share.
+`evaluate(...)` is the Python API the CLI and the demo share. A user's mistake (a missing
+prompt file, an unknown scorer or backend, a malformed --models, an --out made with other
+settings) ends the CLI with one line naming it and exit code 2 (`--debug`: the traceback).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import json
 import logging
 import os
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +33,7 @@ import pandas as pd
 import PIL.Image
 from tqdm import tqdm
 
+from bdpo_jax import schema
 from scorers_torch import eval_report, winrate
 from scorers_torch.generate import Generator, generate_images, image_path
 from scorers_torch.prompt_sets import FORMATS, Prompt, read_prompt_set
@@ -39,9 +43,14 @@ if TYPE_CHECKING:  # the scorer package imports torch; only needed for type hint
 
 log = logging.getLogger(__name__)
 
+PROG = "python -m scorers_torch.evaluate"
 SCORE_COLUMNS = ("model", "prompt_id", "prompt", "seed", "metric", "score")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 _MODEL_OPTION_KEYS = ("unet", "backend")  # "name=path,unet=X" attaches X to the model before
+
+
+class EvalSetupError(schema.UserError, ValueError):
+    """Models, prompts, scorers or an output folder that do not fit (names the flag or file)."""
 
 
 @dataclass
@@ -57,7 +66,7 @@ class EvalResults:
 
 def _check_name(name: str, what: str) -> None:
     if not _SAFE_NAME.match(name):
-        raise ValueError(
+        raise EvalSetupError(
             f"{what} name {name!r} must start with a letter or digit and use only "
             "letters, digits and _ . + - (it names folders and table columns)"
         )
@@ -67,9 +76,9 @@ def _as_prompts(prompts: Sequence[Prompt | str]) -> list[Prompt]:
     result = [p if isinstance(p, Prompt) else Prompt(f"{i:05d}", p) for i, p in enumerate(prompts)]
     ids = [p.id for p in result]
     if len(set(ids)) != len(ids):
-        raise ValueError("prompt ids must be unique")
+        raise EvalSetupError("prompt ids must be unique")
     if not result:
-        raise ValueError("no prompts to evaluate")
+        raise EvalSetupError("no prompts to evaluate")
     return result
 
 
@@ -85,7 +94,7 @@ def _check_prompts_file(out_dir: Path, prompts: list[Prompt]) -> None:
     for prompt in prompts:
         old = known.get(prompt.id)
         if old is not None and old["text"] != prompt.text:
-            raise ValueError(
+            raise EvalSetupError(
                 f"{path}: prompt {prompt.id} was {old['text']!r} in an earlier run, now "
                 f"{prompt.text!r}; this folder was made from another prompt set: use a new --out"
             )
@@ -107,7 +116,7 @@ def check_run_record(out_dir: Path, record: Mapping[str, Mapping[str, Any]]) -> 
         k: (stored_gen[k], v) for k, v in new_gen.items() if k in stored_gen and stored_gen[k] != v
     }
     if changed:
-        raise ValueError(
+        raise EvalSetupError(
             f"{path}: generation settings differ from the earlier run (old, new): {changed}; "
             "use a new --out or the old settings"
         )
@@ -115,7 +124,7 @@ def check_run_record(out_dir: Path, record: Mapping[str, Mapping[str, Any]]) -> 
         for name, spec in record.get(section, {}).items():
             old = stored.get(section, {}).get(name)
             if old is not None and old != json.loads(json.dumps(spec)):
-                raise ValueError(
+                raise EvalSetupError(
                     f"{path}: {section[:-1]} {name!r} was {old} in an earlier run, now {spec}; "
                     f"use another name, a new --out, or delete {fix}"
                 )
@@ -239,16 +248,16 @@ def evaluate(
     prompts = _as_prompts(prompts)
     model_names, metrics = list(models), list(scorers)
     if not model_names or not metrics:
-        raise ValueError("evaluate needs at least one model and one scorer")
+        raise EvalSetupError("evaluate needs at least one model and one scorer")
     for name in model_names:
         _check_name(name, "model")
     for name in metrics:
         _check_name(name, "scorer")
     reference = model_names[0] if reference is None else reference
     if reference not in model_names:
-        raise ValueError(f"--reference {reference!r} is not one of the models {model_names}")
+        raise EvalSetupError(f"--reference {reference!r} is not one of the models {model_names}")
     if seeds < 1:
-        raise ValueError(f"--seeds must be positive, got {seeds}")
+        raise EvalSetupError(f"--seeds must be positive, got {seeds}")
     seed_list = [base_seed + i for i in range(seeds)]
     out_dir.mkdir(parents=True, exist_ok=True)
     _check_prompts_file(out_dir, prompts)
@@ -336,21 +345,21 @@ def parse_models(text: str) -> dict[str, dict[str, str]]:
     for token in filter(None, (t.strip() for t in text.split(","))):
         name, sep, value = token.partition("=")
         if not sep or not value:
-            raise ValueError(f"--models entry {token!r} must be NAME=PATH")
+            raise EvalSetupError(f"--models entry {token!r} must be NAME=PATH")
         if name in _MODEL_OPTION_KEYS:
             if last is None:
-                raise ValueError(f"--models: {token!r} must follow the model it belongs to")
+                raise EvalSetupError(f"--models: {token!r} must follow the model it belongs to")
             models[last][name] = value
             continue
         _check_name(name, "model")
         if name in models:
-            raise ValueError(f"--models lists model {name!r} twice")
+            raise EvalSetupError(f"--models lists model {name!r} twice")
         if value.startswith("base="):
             value = value[len("base=") :]
         models[name] = {"path": value}
         last = name
     if not models:
-        raise ValueError("--models is empty")
+        raise EvalSetupError("--models is empty")
     return models
 
 
@@ -371,7 +380,7 @@ class _LazyScorer:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m scorers_torch.evaluate",
+        prog=PROG,
         description="Best-of-seeds win rates of several text-to-image models (BalancedDPO App. D).",
     )
     add = parser.add_argument
@@ -405,12 +414,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> EvalResults:
+    """The CLI; a user error (a flag, a prompt file, a name) exits 2 with one line on stderr."""
+    argv, debug = schema.pop_debug_flag(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    return schema.run_cli(PROG, lambda: _run(build_parser().parse_args(argv)), debug)
+
+
+def _run(args: argparse.Namespace) -> EvalResults:
     from scorers_torch.generate import GENERATORS
     from scorers_torch.registry import import_plugins
     from scorers_torch.scorers.base import parse_scorer_spec
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
     import_plugins([m for m in args.plugins.split(",") if m.strip()])
     model_specs = parse_models(args.models)
     scorer_spec = parse_scorer_spec(args.scorers, args.scorer_config)
@@ -427,8 +441,9 @@ def main(argv: Sequence[str] | None = None) -> EvalResults:
     generators = {}
     for name, spec in model_specs.items():
         options = {k: v for k, v in spec.items() if k not in ("path", "backend")}
-        backend = spec.get("backend", args.generator)
-        generators[name] = GENERATORS.build(backend, path=spec["path"], **options, **settings)
+        flag = f"--models {name}: backend" if "backend" in spec else "--generator"
+        backend = GENERATORS.get(spec.get("backend", args.generator), flag)
+        generators[name] = backend(path=spec["path"], **options, **settings)
     record = {
         "generation": {**generation, "base_seed": args.base_seed},
         "models": {n: {"backend": args.generator, **s} for n, s in model_specs.items()},

@@ -19,6 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 import PIL.Image
 from tqdm import tqdm
 
+from bdpo_jax.schema import UserError
 from scorers_torch.prompt_sets import Prompt
 from scorers_torch.registry import Registry
 
@@ -28,6 +29,14 @@ GENERATORS = Registry("generator")
 
 SCHEDULERS = ("default", "ddim", "dpmpp", "euler")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
+
+
+class GeneratorSettingsError(UserError, ValueError):
+    """A generation setting (--scheduler, --dtype, --steps, --batch-size) out of range."""
+
+
+class ModelFolderError(UserError, FileNotFoundError):
+    """A local model folder (a `unet=` of --models) without the files a model needs."""
 
 
 @runtime_checkable
@@ -55,7 +64,7 @@ def resolve_dtype(dtype: str, device: str):
     import torch
 
     if dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
+        raise GeneratorSettingsError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
     if dtype == "auto":
         dtype = "fp16" if device.startswith("cuda") else "fp32"
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
@@ -76,7 +85,7 @@ def make_scheduler(name: str, config: Any):
         )
     if name == "euler":
         return diffusers.EulerDiscreteScheduler.from_config(config)
-    raise ValueError(f"--scheduler must be one of {SCHEDULERS}, got {name!r}")
+    raise GeneratorSettingsError(f"--scheduler must be one of {SCHEDULERS}, got {name!r}")
 
 
 def _dtype_kwarg(dtype) -> dict[str, Any]:
@@ -99,7 +108,7 @@ def _load_unet(unet: str, dtype):
             )
         if (path / "config.json").exists():
             return diffusers.UNet2DConditionModel.from_pretrained(path, **_dtype_kwarg(dtype))
-        raise FileNotFoundError(f"UNet folder {path} has neither config.json nor unet/config.json")
+        raise ModelFolderError(f"UNet folder {path} has neither config.json nor unet/config.json")
     try:  # public Diffusion-DPO repos such as mhdang/dpo-sd1.5-text2image-v1 keep it in unet/
         return diffusers.UNet2DConditionModel.from_pretrained(
             unet, subfolder="unet", **_dtype_kwarg(dtype)
@@ -131,11 +140,15 @@ class DiffusersGenerator:
         generator_device: str = "cpu",
     ):
         if scheduler not in SCHEDULERS:
-            raise ValueError(f"--scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
+            raise GeneratorSettingsError(
+                f"--scheduler must be one of {SCHEDULERS}, got {scheduler!r}"
+            )
         if dtype not in DTYPES:
-            raise ValueError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
+            raise GeneratorSettingsError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
         if steps < 1 or batch_size < 1:
-            raise ValueError(f"steps ({steps}) and batch_size ({batch_size}) must be positive")
+            raise GeneratorSettingsError(
+                f"steps ({steps}) and batch_size ({batch_size}) must be positive"
+            )
         self.path, self.unet = path, unet
         self.scheduler, self.steps, self.guidance = scheduler, steps, guidance
         self.resolution, self.dtype, self.device = resolution, dtype, device

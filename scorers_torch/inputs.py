@@ -21,6 +21,8 @@ from concurrent.futures import Executor
 
 import PIL.Image
 
+from bdpo_jax.schema import UserError
+
 FORMATS = ("pickapic", "generic")
 PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
 GENERIC_COLUMNS = ("prompt", "image_0", "image_1")
@@ -40,8 +42,15 @@ class Pair:
     human_label: float  # +1, -1, 0 (tie) or NaN (unknown)
 
 
-class InputError(ValueError):
-    """An input file is malformed (names the file and the column/line)."""
+class InputError(UserError, ValueError):
+    """An input file is malformed as a whole or on a line (names the file and the column/line).
+
+    Fatal, unlike an undecodable image, which only skips its pair (see `decode_pairs`).
+    """
+
+
+class InputNotFoundError(UserError, FileNotFoundError):
+    """An `--input` path or glob matches no file."""
 
 
 def expand_inputs(patterns: Sequence[str]) -> list[str]:
@@ -50,10 +59,10 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
     for pattern in patterns:
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         if not matches:
-            raise FileNotFoundError(f"--input {pattern!r} matches no file")
+            raise InputNotFoundError(f"--input {pattern!r} matches no file")
         for path in matches:
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"--input file {path!r} does not exist")
+                raise InputNotFoundError(f"--input file {path!r} does not exist")
             files.append(path)
     return files
 
@@ -101,16 +110,22 @@ def _open_parquet(path: str):
         raise InputError(f"{path}: not a readable parquet file ({err})") from err
 
 
+def _check_columns(path: str, parquet, columns: Sequence[str]) -> set[str]:
+    """The column names of `parquet`; InputError when one of `columns` is missing."""
+    names = set(parquet.schema_arrow.names)
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {missing}; it has {sorted(names)}")
+    return names
+
+
 def _parquet_rows(
     path: str, columns: Sequence[str], optional: Sequence[str], wanted: Callable[[int], bool]
 ) -> Iterator[tuple[int, dict | None]]:
     """(row index, row) of the file; row is None for unwanted rows of a row group that holds a
     wanted one, and row groups without any wanted row are not read at all."""
     parquet = _open_parquet(path)
-    names = set(parquet.schema_arrow.names)
-    missing = [c for c in columns if c not in names]
-    if missing:
-        raise InputError(f"{path}: missing column(s) {missing}; it has {sorted(names)}")
+    names = _check_columns(path, parquet, columns)
     wanted_columns = list(columns) + [c for c in optional if c in names]
     start = 0
     for group in range(parquet.num_row_groups):
@@ -137,25 +152,39 @@ def _pickapic_pairs(path: str, wanted: Callable[[int], bool]) -> Iterator[tuple]
 
 
 def _jsonl_lines(path: str) -> Iterator[tuple[str, str]]:
-    with open(path) as f:
-        for line_number, line in enumerate(f, start=1):
-            if line.strip():
-                yield f"{path}:{line_number}", line
+    line_number = 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line_number, line in enumerate(f, start=1):
+                if line.strip():
+                    yield f"{path}:{line_number}", line
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path}:{line_number + 1}: not UTF-8 text ({err.reason})") from None
+
+
+def _is_jsonl(path: str) -> bool:
+    return path.endswith((".jsonl", ".json"))
+
+
+def _jsonl_row(where: str, line: str) -> dict:
+    """One generic JSONL line as a dict with the required fields; InputError naming the line."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise InputError(f"{where}: invalid JSON ({err})") from None
+    if not isinstance(row, dict):
+        raise InputError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    missing = [c for c in GENERIC_COLUMNS if c not in row]
+    if missing:
+        raise InputError(f"{where}: missing field(s) {missing}")
+    return row
 
 
 def _generic_rows(path: str, wanted: Callable[[int], bool]) -> Iterator[tuple[int, str, dict]]:
-    if path.endswith((".jsonl", ".json")):
+    if _is_jsonl(path):
         for row_index, (where, line) in enumerate(_jsonl_lines(path)):
-            if not wanted(row_index):
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{where}: invalid JSON ({err})") from None
-            missing = [c for c in GENERIC_COLUMNS if c not in row]
-            if missing:
-                raise InputError(f"{where}: missing field(s) {missing}")
-            yield row_index, where, row
+            if wanted(row_index):
+                yield row_index, where, _jsonl_row(where, line)
     else:
         optional = ("human_label", "pair_id")
         for row_index, row in _parquet_rows(path, GENERIC_COLUMNS, optional, wanted):
@@ -180,14 +209,27 @@ def _generic_pairs(path: str, wanted: Callable[[int], bool]) -> Iterator[tuple]:
         )
 
 
-def count_pairs(files: Sequence[str], fmt: str) -> int:
-    """Number of pairs in `files` (parquet: from the metadata, JSONL: non-empty lines)."""
+def count_pairs(files: Sequence[str], fmt: str, check_until: float = 0) -> int:
+    """Number of pairs in `files` (parquet: from the metadata, JSONL: non-empty lines).
+
+    Pairs with index < `check_until` are checked, so that whole-input problems fail before
+    any model loads: a parquet file lacking a column, a JSONL line that is not a JSON object
+    with the required fields.
+    """
     total = 0
     for path in files:
-        if fmt == "generic" and path.endswith((".jsonl", ".json")):
-            total += sum(1 for _ in _jsonl_lines(path))
+        if fmt == "generic" and _is_jsonl(path):
+            for where, line in _jsonl_lines(path):
+                if total < check_until:
+                    _jsonl_row(where, line)
+                total += 1
         else:
-            total += _open_parquet(path).metadata.num_rows
+            parquet = _open_parquet(path)
+            if total < check_until:
+                _check_columns(
+                    path, parquet, PICKAPIC_COLUMNS if fmt == "pickapic" else GENERIC_COLUMNS
+                )
+            total += parquet.metadata.num_rows
     return total
 
 

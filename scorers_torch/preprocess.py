@@ -1,13 +1,17 @@
 """Preference pairs -> scores, votes, VAE moments and text embeddings in ArrayRecord shards.
 
     python -m scorers_torch.preprocess --input 'pickapic/train-*.parquet' --format pickapic \
-        --out shards/ --base-model runwayml/stable-diffusion-v1-5 --text-encoder sd15 \
+        --out shards/ --base-model stable-diffusion-v1-5/stable-diffusion-v1-5 --text-encoder sd15 \
         --latent-encoder vae --scorers pickscore,hps,clip,aesthetic --resolution 512
 
 Worker I of W takes the input pairs whose index i satisfies i % W == I; its shard s holds
 positions [s*N, (s+1)*N) of that slice (N = --records-per-shard), so shard contents are
 deterministic and a rerun skips finished shards. Writes shards, one sidecar JSON per shard,
 the worker's manifest (bdpo_jax.schema.manifest_name) and empty_prompt.npz.
+
+A mistake in the flags or the inputs (missing file, invalid JSONL line, missing field,
+unknown scorer or encoder) stops the run with one line naming it and exit code 2
+(`--debug` or BDPO_DEBUG=1 for the traceback); an undecodable image only skips its pair.
 """
 
 from __future__ import annotations
@@ -28,16 +32,21 @@ import numpy as np
 from tqdm import tqdm
 
 from bdpo_jax import schema
-from scorers_torch import encoders, inputs, shard_writer, votes
+from scorers_torch import encoders, inputs, shard_writer
 from scorers_torch.registry import import_plugins
 from scorers_torch.scorers.base import build_scorers, parse_scorer_spec
 
+PROG = "python -m scorers_torch.preprocess"
 log = logging.getLogger("scorers_torch.preprocess")
+
+
+class OutputFolderError(schema.UserError, ValueError):
+    """`--out` holds shards written with other settings."""
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m scorers_torch.preprocess",
+        prog=PROG,
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -53,7 +62,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plugins", default="", help="comma-separated modules to import")
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--flip-views", action="store_true", help="also store flipped images (V=2)")
-    p.add_argument("--tie-policy", choices=votes.TIE_POLICIES, default="drop")
+    p.add_argument(
+        "--tie-policy",
+        choices=schema.TIE_POLICIES,
+        default="drop",
+        help="majority ties: drop, keep as label 0, or decide by the human label",
+    )
+    p.add_argument(
+        "--human-ties",
+        choices=("drop", "keep"),
+        default=None,
+        help="pairs whose human label is a tie (Pick-a-Pic label_0 = 0.5): dropped "
+        "before scoring, as in the Diffusion-DPO authors' code (default for "
+        "--format pickapic), or kept (default for --format generic)",
+    )
     p.add_argument("--tie-tolerance", type=float, default=0.0)
     p.add_argument("--records-per-shard", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=16, help="pairs per scoring/encoding batch")
@@ -65,6 +87,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
                    help="dtype of the VAE and text encoders")  # fmt: skip
     args = p.parse_args(argv)
+    if args.human_ties is None:
+        args.human_ties = "drop" if args.format == "pickapic" else "keep"
     checks = [
         (args.resolution > 0, "--resolution must be > 0"),
         (args.records_per_shard > 0, "--records-per-shard must be > 0"),
@@ -94,6 +118,7 @@ def settings_of(args: argparse.Namespace, scorer_spec: dict) -> dict:
         "views": 2 if args.flip_views else 1,
         "tie_policy": args.tie_policy,
         "tie_tolerance": args.tie_tolerance,
+        "human_ties": args.human_ties,
         "dtype": args.dtype,
         "records_per_shard": args.records_per_shard,
         "num_workers": args.num_workers,
@@ -169,6 +194,9 @@ def _score(models: Encoders, good: list[tuple]) -> np.ndarray:
 def process_batch(models: Encoders, batch: list[inputs.Pair], stats: dict) -> list[dict]:
     """Records of the kept pairs of `batch`; `stats` accumulates counts and per-pair arrays."""
     args, counts = models.args, stats["counts"]
+    if args.human_ties == "drop":  # the authors drop human ties before anything else
+        counts["dropped_human_ties"] += sum(pair.human_label == 0 for pair in batch)
+        batch = [pair for pair in batch if pair.human_label != 0]
     good = inputs.decode_pairs(batch, counts, models.pool)
     if not good:
         return []
@@ -183,9 +211,9 @@ def process_batch(models: Encoders, batch: list[inputs.Pair], stats: dict) -> li
     if not good:
         return []
     human_B = np.array([g[0].human_label for g in good], np.float32)
-    votes_BxK = votes.votes_from_scores(scores_BxKx2, args.tie_tolerance)
-    majority_B, margin_B = votes.majority(votes_BxK)
-    label_B, keep_B = votes.apply_tie_policy(majority_B, human_B, args.tie_policy)
+    votes_BxK = schema.votes_from_scores(scores_BxKx2, args.tie_tolerance)
+    majority_B, margin_B = schema.majority(votes_BxK)
+    label_B, keep_B = schema.apply_tie_policy(majority_B, human_B, args.tie_policy)
     counts["scored"] += len(good)
     counts["ties"] += int((majority_B == 0).sum())
     counts["dropped_ties"] += int((~keep_B).sum())
@@ -231,7 +259,8 @@ def new_shard_stats(positions: list[int], settings: dict) -> dict:
     return {
         "positions": positions,
         "settings": settings,
-        "counts": {"read": 0, "scored": 0, "skipped": {}, "ties": 0, "dropped_ties": 0},
+        "counts": {"read": 0, "scored": 0, "skipped": {}, "ties": 0, "dropped_ties": 0,
+                   "dropped_human_ties": 0},
         "scores": [], "votes": [], "majority": [], "human_label": [], "written": [],
     }  # fmt: skip
 
@@ -273,7 +302,7 @@ def _finished(out: str, name: str, positions: list[int], settings: dict) -> bool
         return False
     sidecar = shard_writer.read_sidecar(out, name)
     if sidecar.get("settings") != settings:
-        raise ValueError(
+        raise OutputFolderError(
             f"{os.path.join(out, name)} was written with other settings "
             f"({sidecar.get('settings')}); use a new --out folder or delete its shards"
         )
@@ -285,13 +314,14 @@ def run(args: argparse.Namespace) -> dict:
     import_plugins(args.plugins.split(","))
     files = inputs.expand_inputs([f for f in args.input.split(",") if f.strip()])
     spec = parse_scorer_spec(args.scorers, args.scorer_config)
-    encoders.TEXT_ENCODERS.get(args.text_encoder)  # unknown names fail before any work
-    encoders.LATENT_ENCODERS.get(args.latent_encoder)
+    encoders.TEXT_ENCODERS.get(args.text_encoder, "--text-encoder")  # fail before any work
+    encoders.LATENT_ENCODERS.get(args.latent_encoder, "--latent-encoder")
     settings = settings_of(args, spec)
     os.makedirs(args.out, exist_ok=True)
     for path in shard_writer.remove_stale_temps(args.out, args.worker_index):
         log.info("removed stale temp file %s", path)
-    total = inputs.count_pairs(files, args.format)
+    check_until = math.inf if args.limit is None else args.limit  # bad inputs fail before work
+    total = inputs.count_pairs(files, args.format, check_until)
     if args.limit is not None:
         total = min(total, args.limit)
     w, i, per_shard = args.num_workers, args.worker_index, args.records_per_shard
@@ -386,10 +416,11 @@ def write_empty_prompt(out: str, text_encoder) -> dict[str, np.ndarray]:
 
 
 def _sum_counts(sidecars: list[dict]) -> dict:
-    total = {"read": 0, "scored": 0, "written": 0, "skipped": {}, "ties": 0, "dropped_ties": 0}
+    summed = ("read", "scored", "ties", "dropped_ties", "dropped_human_ties")
+    total = {key: 0 for key in summed} | {"written": 0, "skipped": {}}
     for sidecar in sidecars:
         counts = sidecar["counts"]
-        for key in ("read", "scored", "ties", "dropped_ties"):
+        for key in summed:
             total[key] += counts[key]
         total["written"] += sidecar["num_records"]
         for reason, n in counts["skipped"].items():
@@ -398,7 +429,7 @@ def _sum_counts(sidecars: list[dict]) -> dict:
 
 
 def _agreement_table(names: list[str], votes_NxK, reference_N) -> dict:
-    fraction_K, count = votes.agreement(votes_NxK, reference_N)
+    fraction_K, count = schema.agreement(votes_NxK, reference_N)
     table = {
         n: (None if math.isnan(f) else float(f)) for n, f in zip(names, fraction_K, strict=True)
     }
@@ -426,7 +457,7 @@ def build_manifest(*, settings, scorer_names, versions, names, sidecars, latent_
         }
         for j, name in enumerate(scorer_names)
     }
-    majority_vs_human, n_human = votes.agreement(majority_N[:, None], human_N)
+    majority_vs_human, n_human = schema.agreement(majority_N[:, None], human_N)
     text_embeds = empty_prompt["text_embeds"]
     pooled = empty_prompt.get("pooled_text_embeds")
     return {
@@ -462,6 +493,7 @@ def build_manifest(*, settings, scorer_names, versions, names, sidecars, latent_
         },
         "tie_policy": settings["tie_policy"],
         "tie_tolerance": settings["tie_tolerance"],
+        "human_ties": settings["human_ties"],
         "records_per_shard": settings["records_per_shard"],
         "worker_index": worker[0],
         "num_workers": worker[1],
@@ -469,8 +501,10 @@ def build_manifest(*, settings, scorer_names, versions, names, sidecars, latent_
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
+    """The CLI: runs `run(parse_args(argv))`; a user error exits 2 with one line on stderr."""
+    argv, debug = schema.pop_debug_flag(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    return run(parse_args(argv))
+    return schema.run_cli(PROG, lambda: run(parse_args(argv)), debug)
 
 
 if __name__ == "__main__":

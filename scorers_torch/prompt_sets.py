@@ -20,9 +20,19 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bdpo_jax.schema import UserError
+
 FORMATS = ("pickapic", "parti", "hpdv2", "txt")
 _SUFFIX_FORMATS = {".parquet": "pickapic", ".tsv": "parti", ".json": "hpdv2", ".txt": "txt"}
 PARTI_COLUMNS = ("Prompt", "Category", "Challenge", "Note")
+
+
+class PromptSetError(UserError, ValueError):
+    """A prompt file that cannot be read as its format (names the file and line or entry)."""
+
+
+class PromptFileNotFoundError(UserError, FileNotFoundError):
+    """The prompt file does not exist."""
 
 
 @dataclass(frozen=True)
@@ -41,7 +51,7 @@ def detect_format(path: str | Path) -> str:
         return "pickapic"
     fmt = _SUFFIX_FORMATS.get(path.suffix.lower())
     if fmt is None:
-        raise ValueError(
+        raise PromptSetError(
             f"{path}: cannot tell the prompt format from the suffix {path.suffix!r}; "
             f"pass --prompt-format, one of {FORMATS}"
         )
@@ -53,12 +63,14 @@ def _read_pickapic(path: Path) -> list[tuple[str, dict[str, str]]]:
 
     files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
     if not files:
-        raise ValueError(f"{path}: folder holds no *.parquet files")
+        raise PromptSetError(f"{path}: folder holds no *.parquet files")
     captions: list[str] = []
     for file in files:
         names = pq.read_schema(file).names
         if "caption" not in names:
-            raise ValueError(f"{file}: Pick-a-Pic parquet has no column 'caption' (has {names})")
+            raise PromptSetError(
+                f"{file}: Pick-a-Pic parquet has no column 'caption' (has {names})"
+            )
         # Only the caption column is read: the image columns of the full split are large.
         captions += pq.read_table(file, columns=["caption"]).column("caption").to_pylist()
     unique = dict.fromkeys(c.strip() for c in captions if c is not None and c.strip())
@@ -70,7 +82,7 @@ def _read_parti(path: Path) -> list[tuple[str, dict[str, str]]]:
         reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
         columns = reader.fieldnames or []
         if "Prompt" not in columns:
-            raise ValueError(
+            raise PromptSetError(
                 f"{path}: PartiPrompts TSV has no column 'Prompt' (columns {columns}); "
                 f"expected tab-separated {PARTI_COLUMNS}"
             )
@@ -78,7 +90,7 @@ def _read_parti(path: Path) -> list[tuple[str, dict[str, str]]]:
         for line, row in enumerate(reader, start=2):
             text = (row.get("Prompt") or "").strip()
             if not text:
-                raise ValueError(f"{path}: line {line} has an empty 'Prompt'")
+                raise PromptSetError(f"{path}: line {line} has an empty 'Prompt'")
             meta = {k: (row.get(k) or "") for k in PARTI_COLUMNS[1:] if k in columns}
             rows.append((text, meta))
     return rows
@@ -89,9 +101,11 @@ def _read_hpdv2(path: Path) -> list[tuple[str, dict[str, str]]]:
         try:
             data = json.load(handle)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: not valid JSON: {error}") from error
+            raise PromptSetError(f"{path}: not valid JSON: {error}") from error
     if not isinstance(data, list):
-        raise ValueError(f"{path}: HPDv2 JSON must be a list of entries, got {type(data).__name__}")
+        raise PromptSetError(
+            f"{path}: HPDv2 JSON must be a list of entries, got {type(data).__name__}"
+        )
     rows = []
     for i, entry in enumerate(data):
         if isinstance(entry, str):
@@ -99,9 +113,9 @@ def _read_hpdv2(path: Path) -> list[tuple[str, dict[str, str]]]:
         elif isinstance(entry, dict) and isinstance(entry.get("prompt"), str):
             text = entry["prompt"]
         else:
-            raise ValueError(f"{path}: entry {i} has no string 'prompt' key (HPDv2 test.json)")
+            raise PromptSetError(f"{path}: entry {i} has no string 'prompt' key (HPDv2 test.json)")
         if not text.strip():
-            raise ValueError(f"{path}: entry {i} has an empty prompt")
+            raise PromptSetError(f"{path}: entry {i} has an empty prompt")
         rows.append((text.strip(), {}))
     return rows
 
@@ -125,15 +139,15 @@ def read_prompt_set(
     """Read a prompt set; `limit` keeps the first N prompts (ids unchanged)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"prompt file {path} does not exist")
+        raise PromptFileNotFoundError(f"prompt file {path} does not exist")
     fmt = detect_format(path) if format == "auto" else format
     if fmt not in _READERS:
-        raise ValueError(f"unknown prompt format {format!r}; use 'auto' or one of {FORMATS}")
+        raise PromptSetError(f"unknown prompt format {format!r}; use 'auto' or one of {FORMATS}")
     rows = _READERS[fmt](path)
     if not rows:
-        raise ValueError(f"{path}: no prompts found (format {fmt})")
+        raise PromptSetError(f"{path}: no prompts found (format {fmt})")
     if limit is not None and limit < 1:
-        raise ValueError(f"prompt limit must be positive, got {limit}")
+        raise PromptSetError(f"prompt limit must be positive, got {limit}")
     width = max(5, len(str(len(rows) - 1)))
     prompts = [Prompt(f"{i:0{width}d}", text, meta) for i, (text, meta) in enumerate(rows)]
     return prompts[:limit] if limit is not None else prompts

@@ -10,7 +10,17 @@ import importlib
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from bdpo_jax.schema import UserError
+
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class UnknownNameError(UserError, ValueError):
+    """A name (from a flag or a spec) that no factory of a registry has."""
+
+
+class PluginImportError(UserError, ImportError):
+    """A `--plugins` module that does not exist."""
 
 
 class Registry:
@@ -31,11 +41,15 @@ class Registry:
 
         return decorate
 
-    def get(self, name: str) -> Callable[..., Any]:
-        """The factory registered as `name`; unknown name -> ValueError listing known names."""
+    def get(self, name: str, flag: str | None = None) -> Callable[..., Any]:
+        """The factory registered as `name`; an unknown name raises UnknownNameError listing
+        the known names (prefixed by `flag`, the CLI flag that gave the name, if any)."""
         if name not in self._factories:
             known = ", ".join(self.names()) or "(none)"
-            raise ValueError(f"unknown {self.kind} {name!r}; known {self.kind}s: {known}")
+            where = f"{flag}: " if flag else ""
+            raise UnknownNameError(
+                f"{where}unknown {self.kind} {name!r}; known {self.kind}s: {known}"
+            )
         return self._factories[name]
 
     def build(self, name: str, **kwargs: Any) -> Any:
@@ -53,7 +67,11 @@ SCORERS = Registry("scorer")
 
 
 def import_plugins(modules: Sequence[str]) -> None:
-    """Imports each module (empty names skipped); plugins register themselves on import."""
+    """Imports each module (empty names skipped); plugins register themselves on import.
+
+    A module that does not exist is a user error (PluginImportError naming `--plugins`); an
+    ImportError raised inside an existing plugin keeps its traceback.
+    """
     for module in modules:
         module = module.strip()
         if not module:
@@ -61,4 +79,13 @@ def import_plugins(modules: Sequence[str]) -> None:
         try:
             importlib.import_module(module)
         except ImportError as err:
+            missing = getattr(err, "name", None)
+            if (
+                isinstance(err, ModuleNotFoundError)
+                and missing
+                and (module + ".").startswith(missing + ".")
+            ):
+                raise PluginImportError(
+                    f"--plugins: cannot import plugin module {module!r}: {err}"
+                ) from err
             raise ImportError(f"cannot import plugin module {module!r}: {err}") from err

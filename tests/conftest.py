@@ -1,4 +1,5 @@
-"""Test-wide setup: offline hub, CPU JAX with eight fake devices (set before jax loads).
+"""Test-wide setup: offline hub, CPU JAX with eight fake devices and rank promotion as an error
+(set as environment variables before jax loads).
 
 Compile time dominates the JAX tests on CPU, so they share a persistent compilation cache
 (identical programs, e.g. the tiny trainer's step in the resume tests, compile once per
@@ -24,3 +25,5 @@ os.environ.setdefault(
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# implicit rank promotion ([B] + [B, 1] -> [B, B]) is an error in the tests: broadcast explicitly
+os.environ.setdefault("JAX_NUMPY_RANK_PROMOTION", "raise")

@@ -9,7 +9,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from bdpo_jax import checkpointing, schema, synthetic, train, train_state
+from bdpo_jax import checkpointing, schema, train, train_state
+from bdpo_jax.data import synthetic
 from configs import tiny
 
 NUM_SCORERS = 4
@@ -130,7 +131,7 @@ def test_resume_is_exact_on_shards(tmp_path):
 
 def test_init_from_a_diffusers_folder(tmp_path):
     """config.model.pretrained = a local diffusers folder, loaded and placed sharded."""
-    from bdpo_jax import sharding, train_step
+    from bdpo_jax import optim, sharding
     from bdpo_jax.models import save_unet
 
     config = tiny.get_config()
@@ -139,8 +140,7 @@ def test_init_from_a_diffusers_folder(tmp_path):
         config.model, latent_shape=info.latent_shape, text_shape=info.text_shape, pooled_dim=None
     )
     mesh = sharding.make_mesh(config.mesh.shape)
-    cfg = train_step.make_step_config(config, info)
-    tx, _ = cfg.optimizer()
+    tx, _ = optim.make_optimizer(config.optim, config.train.global_batch_size, config.train.steps)
     inits = train_state.make_initializers(model, tx, mesh)
     params = jax.device_get(inits.init_random(jax.random.PRNGKey(3)).params)
     save_unet(model, params, str(tmp_path / "unet"))

@@ -45,7 +45,7 @@ def test_sd15_is_the_paper_setting():
     assert c.optim.learning_rate == 1e-8 and c.optim.warmup_steps > 0
     assert c.optim.scale_lr is True  # explicit: peak lr 1e-8 * 128 = 1.28e-6 (see docstring)
     assert c.dpo.beta == 5000.0 and c.label.mode == "majority"
-    assert c.model.pretrained == "runwayml/stable-diffusion-v1-5"
+    assert c.model.pretrained == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     assert c.data.source == "shards"
 
 

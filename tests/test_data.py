@@ -1,16 +1,14 @@
-"""The Grain pipeline over ArrayRecord shards written here, and the synthetic source."""
+"""The shard folder reader and the Grain pipeline, over ArrayRecord shards written here."""
 
 import json
 import os
 
-import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from bdpo_jax import data, schema, synthetic
+from bdpo_jax import data, schema
 from configs.default import get_config
 
 NUM_RECORDS = 30
@@ -292,21 +290,6 @@ def test_read_records_by_global_index(shard_dir):
         data.read_records(shard_dir, [30])
 
 
-def test_to_global_batch_on_a_4x2_mesh():
-    mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "fsdp"))
-    sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-    batch = {
-        "moments_0": np.arange(16 * 2 * 3, dtype=np.float16).reshape(16, 2, 3),
-        "label": np.arange(16, dtype=np.int8),
-    }
-    out = data.to_global_batch(batch, sharding)
-    for key, value in batch.items():
-        assert out[key].sharding == sharding and out[key].dtype == value.dtype
-        np.testing.assert_array_equal(np.asarray(out[key]), value)
-        shards = out[key].addressable_shards
-        assert len(shards) == 8 and all(s.data.shape[0] == 2 for s in shards)
-
-
 def test_clear_errors(shard_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         data.read_dataset_info(str(tmp_path / "nope"))
@@ -333,7 +316,7 @@ def test_clear_errors(shard_dir, tmp_path):
         (mixed / schema.manifest_name(worker, 2)).write_text(json.dumps(manifest))
     with pytest.raises(schema.SchemaError, match="manifest-w001.json: latent_shape"):
         data.read_dataset_info(str(mixed))
-    with pytest.raises(ValueError, match="unknown data.source"):
+    with pytest.raises(ValueError, match="unknown config.data.source"):
         data.make_dataset(
             _config(shard_dir, source="tfds"), global_batch_size=4, seed=0, label_mode="majority"
         )
@@ -341,6 +324,39 @@ def test_clear_errors(shard_dir, tmp_path):
         data.make_dataset(
             _config(shard_dir), global_batch_size=5, seed=0, label_mode="majority", process_count=2
         )
+
+
+def _reader_error_folder(tmp_path, problem: str) -> tuple[str, str]:
+    """(config.data.path with `problem`, the culprit its error must name)."""
+    if problem == "empty path":
+        return "", "config.data.path"
+    if problem == "missing folder":
+        return str(tmp_path / "nope"), "nope"
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    if problem == "no manifest":
+        return str(folder), str(folder)
+    if problem == "bad JSON":
+        (folder / schema.MANIFEST_NAME).write_text('{"schema_version": 1,')
+        return str(folder), os.path.join(str(folder), schema.MANIFEST_NAME)
+    _one_shard_folder(folder, [_record(1)])
+    os.remove(folder / "shard.array_record")
+    return str(folder), "shard.array_record"
+
+
+@pytest.mark.parametrize(
+    "problem", ["empty path", "missing folder", "no manifest", "bad JSON", "missing shard"]
+)
+def test_reader_errors_are_one_line_user_errors(tmp_path, capsys, problem):
+    path, culprit = _reader_error_folder(tmp_path, problem)
+    with pytest.raises(schema.UserError) as error:
+        data.read_dataset_info(path)
+    assert "config.data.path" in str(error.value) and culprit in str(error.value)
+    with pytest.raises(SystemExit) as exit_info:
+        schema.run_cli("bdpo_jax.train", lambda: data.read_dataset_info(path))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and culprit in err and "Traceback" not in err
 
 
 def _one_shard_folder(folder, records, num_records=None, options="group_size:1"):
@@ -384,38 +400,3 @@ def test_stale_manifest_and_all_ties_fail_clearly(tmp_path):
     iterator = _iterator(_config(ties, drop_tied_labels=True))
     with pytest.raises(ValueError, match="in a row are ties for label mode 'majority'"):
         next(iterator)
-
-
-def test_synthetic_records_are_deterministic_and_consistent():
-    config = _config(
-        source="synthetic",
-        synthetic_num_records=24,
-        synthetic_num_scorers=3,
-        synthetic_pooled_dim=7,
-    )
-    batches = _batches(config, 6, batch=4, seed=5)
-    again = _batches(config, 6, batch=4, seed=5)
-    _assert_same_batches(batches, again)
-    other = _batches(config, 1, batch=4, seed=6)[0]
-    assert not np.array_equal(other["text_embeds"], batches[0]["text_embeds"])
-    epoch = np.concatenate([b["index"] for b in batches])
-    assert sorted(epoch) == list(range(24))
-    batch = batches[0]
-    assert batch["moments_0"].shape == (4, 2, 4, 8, 8) and batch["moments_0"].dtype == np.float16
-    assert batch["pooled_text_embeds"].shape == (4, 7)
-    assert batch["add_time_ids"].shape == (4, 6) and batch["add_time_ids"].dtype == np.float32
-    for b in batches:
-        for j in range(4):  # Eq. 6/7 by hand
-            s0, s1 = b["scores"][j, :, 0], b["scores"][j, :, 1]
-            votes = [1 if a >= c else -1 for a, c in zip(s0, s1, strict=True)]
-            assert list(b["votes"][j]) == votes and b["margin"][j] == sum(votes)
-            assert b["label"][j] == (1 if sum(votes) > 0 else -1)  # K = 3: no ties
-        assert set(b["human_label"]) <= {1.0, -1.0}
-    _, info = data.make_dataset(config, global_batch_size=4, seed=5, label_mode="majority")
-    assert info.num_records == 24 and info.num_scorers == 3 and info.pooled_dim == 7
-    assert info.empty_text_embeds.shape == (8, 32) and not info.empty_text_embeds.any()
-    assert info.score_mean.shape == info.score_std.shape == (3,)
-    assert synthetic.synthetic_dataset_info(config).scorer_names == info.scorer_names
-    all_scores = np.concatenate([b["scores"] for b in batches])  # [24, K, 2]
-    z = (all_scores - info.score_mean[None, :, None]) / info.score_std[None, :, None]
-    assert abs(z.mean()) < 0.5 and 0.6 < z.std() < 1.4  # the stats describe the scores

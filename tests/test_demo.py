@@ -7,7 +7,10 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from bdpo_jax.demo import pipeline, world
+from bdpo_demo import pipeline, world
+
+pytestmark = pytest.mark.torch  # the preprocessing and evaluation stages run scorers_torch
+pytest.importorskip("torch")
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +88,7 @@ def test_winrate_table_has_every_run_and_metric_and_pictures_exist(demo_run):
 
 
 def test_generator_is_deterministic_per_seed_and_shared_across_models(demo_run):
-    from bdpo_jax.demo.generator import JaxGenerator
+    from bdpo_demo.generator import JaxGenerator
     from scorers_torch.encoders import TEXT_ENCODERS
 
     config, out, _ = demo_run

@@ -1,10 +1,10 @@
-"""The demo world (bdpo_jax.demo.world), its measures, the demo scorers and the demo UNet config."""
+"""The demo world (bdpo_demo.world), its measures, the demo scorers and the demo UNet config."""
 
 import numpy as np
 import PIL.Image
 import pytest
 
-from bdpo_jax.demo import measures, model, world
+from bdpo_demo import measures, model, world
 
 SPECS = world.all_specs()
 RANGES = {"colour": (0.0, 1.0), "shape": (1.0, 10.0), "position": (0.0, 100.0),
@@ -112,8 +112,10 @@ def test_render_flawed_flaw_rates_are_independent_and_as_given():
     assert measures.position_score(clean, spec) > 90
 
 
+@pytest.mark.torch
 def test_demo_scorers_match_the_measures_on_png_round_trips():
-    from scorers_torch import demo_plugins  # noqa: F401  (registers the scorers)
+    pytest.importorskip("torch")
+    from bdpo_demo import plugins  # noqa: F401  (registers the scorers)
     from scorers_torch.scorers.base import build_scorers
 
     scorers = build_scorers({name: {} for name in measures.MEASURES})
@@ -131,8 +133,9 @@ def test_demo_scorers_match_the_measures_on_png_round_trips():
         scorers["colour"].score(pil[:1], ["a cat"])
 
 
+@pytest.mark.torch
 def test_demo_unet_config_builds_the_same_network_in_diffusers_and_flax():
-    import diffusers
+    diffusers = pytest.importorskip("diffusers")
     import jax
 
     from bdpo_jax.models import UNet2DConditionModel

@@ -8,6 +8,8 @@ import torch
 from scorers_torch import encoders
 from tests.tiny_pipeline import build_clip_tokenizer, build_tiny_text_encoder, build_tiny_vae
 
+pytestmark = pytest.mark.torch  # needs torch at import
+
 PROMPTS = ["a red cat on a mat", "", "two blue squares " * 20]  # the last one is truncated
 
 

@@ -21,6 +21,8 @@ from scorers_torch.generate import GENERATORS, DiffusersGenerator, image_path
 from scorers_torch.registry import SCORERS
 from tests.tiny_pipeline import build_tiny_sd_pipeline, build_tiny_unet
 
+pytestmark = pytest.mark.torch  # needs torch at import
+
 CALLS = {"images": 0}  # images scored by the test scorers, to prove a rerun scores nothing
 
 
@@ -238,7 +240,19 @@ def test_chart_and_grid_written(first_run):
     assert len(rows) == 1
 
 
-def test_rerun_resumes_without_regenerating(first_run, pipelines):
+def _cli_error(capsys, argv) -> str:
+    """The one stderr line of a CLI run that must end in a user error (exit code 2)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("python -m scorers_torch.evaluate: error: ")
+    return err
+
+
+def test_rerun_resumes_without_regenerating(first_run, pipelines, capsys):
     prompt_file, out, _ = first_run
     images = sorted((out / "images").rglob("*.png"))
     assert len(images) == 3 * 2 * len(MODELS)
@@ -253,11 +267,11 @@ def test_rerun_resumes_without_regenerating(first_run, pipelines):
     assert len(pd.read_parquet(out / "scores.parquet")) == 3 * 2 * len(MODELS) * 3
     assert {p: p.stat().st_mtime_ns for p in images} == mtimes
     # Changed sampler settings must not silently reuse old images.
-    with pytest.raises(ValueError, match=r"run\.json: generation settings differ.*steps"):
-        main(_cli_args(pipelines, prompt_file, out, extra=("--steps", "3")))
+    err = _cli_error(capsys, _cli_args(pipelines, prompt_file, out, extra=("--steps", "3")))
+    assert "run.json: generation settings differ" in err and "steps" in err
 
 
-def test_subset_reuse_and_refusals(first_run, pipelines, tmp_path):
+def test_subset_reuse_and_refusals(first_run, pipelines, tmp_path, capsys):
     prompt_file, out, _ = first_run
     calls = CALLS["images"]
     subset = main(_cli_args(pipelines, prompt_file, out, extra=("--limit", "2")))
@@ -266,10 +280,9 @@ def test_subset_reuse_and_refusals(first_run, pipelines, tmp_path):
     assert len(subset.scores) == 2 * 2 * len(MODELS) * len(METRICS)
     other = tmp_path / "other.txt"
     other.write_text("a different prompt\n")
-    with pytest.raises(ValueError, match="another prompt set"):
-        main(_cli_args(pipelines, other, out))
-    with pytest.raises(ValueError, match="--reference 'nope'"):
-        main(_cli_args(pipelines, prompt_file, tmp_path / "o2", extra=("--reference", "nope")))
+    assert "another prompt set" in _cli_error(capsys, _cli_args(pipelines, other, out))
+    argv = _cli_args(pipelines, prompt_file, tmp_path / "o2", extra=("--reference", "nope"))
+    assert "--reference 'nope'" in _cli_error(capsys, argv)
 
 
 def test_unet_swap_and_batch_invariance(pipelines, tmp_path):
@@ -326,6 +339,52 @@ def test_plugin_generator_through_cli(tmp_path):
     single = main(["--models", "a=0", *args[:-1], str(tmp_path / "single")])
     assert single.pairs == []
     assert "Only one model" in (tmp_path / "single" / "winrates.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "problem, culprit",
+    [
+        ("missing prompt file", "nope.txt"),
+        ("unknown scorer", "'no_such_scorer'"),
+        ("unknown backend", "'no_such_backend'"),
+        ("malformed --models", "--models entry 'a'"),
+        ("unknown plugin", "--plugins"),
+        ("bad flag", "--seeds"),
+    ],
+)
+def test_user_errors_are_one_line(tmp_path, capsys, problem, culprit):
+    prompt_file = tmp_path / "p.txt"
+    prompt_file.write_text("x\n")
+    options = {
+        "--models": "a=0",
+        "--prompts": str(prompt_file),
+        "--scorers": "evt_red",
+        "--generator": "evt_solid",
+        "--out": str(tmp_path / "out"),
+    }
+    extra = []
+    if problem == "missing prompt file":
+        options["--prompts"] = str(tmp_path / "nope.txt")
+    elif problem == "unknown scorer":
+        options["--scorers"] = "evt_red,no_such_scorer"
+    elif problem == "unknown backend":
+        options["--models"] = "a=0,backend=no_such_backend"
+    elif problem == "malformed --models":
+        options["--models"] = "a"
+    elif problem == "unknown plugin":
+        extra = ["--plugins", "no_such_plugin_module_xyz"]
+    else:
+        extra = ["--seeds", "many"]
+    argv = [x for item in options.items() for x in item] + extra
+    if problem == "bad flag":  # argparse's own one-line error
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert culprit in err.splitlines()[-1] and "Traceback" not in err
+        return
+    assert culprit in _cli_error(capsys, argv)
+    assert not (tmp_path / "out" / "images").exists()  # nothing was generated
 
 
 def test_parse_models():

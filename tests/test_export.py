@@ -1,6 +1,8 @@
 """python -m bdpo_jax.export: trainer checkpoint -> diffusers UNet folder / full pipeline."""
 
 import json
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -8,15 +10,23 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-import torch
-from diffusers import DiffusionPipeline, UNet2DConditionModel
 from safetensors import safe_open
 
 from bdpo_jax import export
 from bdpo_jax.models import load_unet
 from bdpo_jax.models.unet import config_to_dict
 from bdpo_jax.models.weights import params_to_torch_state
-from tests.tiny_pipeline import build_tiny_sd_pipeline
+
+pytestmark = pytest.mark.torch
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from tests.tiny_pipeline import build_tiny_sd_pipeline  # noqa: E402  (imports torch)
+
+DiffusionPipeline, UNet2DConditionModel = (
+    diffusers.DiffusionPipeline,
+    diffusers.UNet2DConditionModel,
+)
 
 
 def _perturb(params, seed):
@@ -129,7 +139,9 @@ def test_refuses_to_overwrite_without_force(setup, capsys):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     args = ["--workdir", str(root / "work"), "--out", str(out)]
-    assert export.main(args) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        export.main(args)
+    assert exit_info.value.code == 2
     assert "--force" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
     assert export.main([*args, "--force", "--step", "2"]) == 0
@@ -178,3 +190,33 @@ def test_clear_errors(setup, tmp_path):
     with pytest.raises(export.ExportError, match="cross_attention_dim"):
         export.export(root / "work", tmp_path / "o", base=str(other))
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_user_errors_are_one_line_and_exit_2(setup, tmp_path, capsys):
+    root, _, _ = setup
+    work = str(root / "work")
+    (tmp_path / "taken").mkdir()
+    cases = {
+        "--workdir": ["--workdir", str(tmp_path / "missing"), "--out", str(tmp_path / "o")],
+        "no checkpoints/": ["--workdir", str(tmp_path), "--out", str(tmp_path / "o")],
+        "--step 3": ["--workdir", work, "--step", "3", "--out", str(tmp_path / "o")],
+        "--step: invalid int": ["--workdir", work, "--step", "x", "--out", str(tmp_path / "o")],
+        "--force": ["--workdir", work, "--out", str(tmp_path / "taken")],
+        "--dtype": ["--workdir", work, "--dtype", "fp8", "--out", str(tmp_path / "o")],
+    }
+    (tmp_path / "unet_config.json").write_text((root / "work" / "unet_config.json").read_text())
+    for culprit, args in cases.items():
+        with pytest.raises(SystemExit) as exit_info:
+            export.main(args)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2, culprit
+        assert err.count("\n") == 1 and culprit in err, err
+        assert err.startswith(f"{export.PROG}: error: ") and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+    # the real command line: one line, no traceback; --debug shows it
+    command = [sys.executable, "-m", "bdpo_jax.export", *cases["--workdir"]]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "no such folder" in result.stderr and "Traceback" not in result.stderr
+    with pytest.raises(export.ExportError, match="no such folder"):  # --debug: the traceback
+        export.main([*cases["--workdir"], "--debug"])

@@ -1,16 +1,22 @@
 """Sample grids: the PNG layout, and the trainer's grid against a diffusers pipeline run."""
 
+import os
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from bdpo_jax import grids, sampling, vae
-from bdpo_jax.models import load_unet
-from tests.tiny_pipeline import build_tiny_sd_pipeline
+from bdpo_jax import grids, sampling
+from bdpo_jax.models import load_unet, vae
+
+pytestmark = pytest.mark.torch
+torch = pytest.importorskip("torch")
+StableDiffusionPipeline = pytest.importorskip("diffusers").StableDiffusionPipeline
+
+from tests.tiny_pipeline import build_tiny_sd_pipeline  # noqa: E402  (imports torch)
 
 
 @pytest.mark.parametrize("as_uint8", [False, True])
@@ -82,6 +88,28 @@ def test_pixel_space_grid(tmp_path):
         grids.sample_grid_for_training(
             model, {"w": 0.1}, text, text, ["a", "b"], None, path, sample_config, {}
         )
+
+
+def test_training_grid_writer_samples_the_batch_prompts(tmp_path):
+    """What the trainer calls every config.train.sample_every steps (pixel-space model)."""
+    from configs.default import get_config
+
+    config = get_config()
+    config.data.source = "synthetic"
+    config.sample.scheduler, config.sample.num_steps = "euler", 3
+    info = types.SimpleNamespace(
+        latent_shape=(3, 6, 6),
+        vae_scaling_factor=1.0,
+        empty_text_embeds=np.zeros((3, 4), np.float16),
+        pooled_dim=None,
+        empty_pooled_text_embeds=None,
+    )
+    write = grids.training_grid_writer(config, _PixelModel(), info)
+    batch = {"text_embeds": np.ones((6, 3, 4), np.float16), "index": np.arange(10, 16)}
+    images = write({"w": jnp.float32(0.1)}, batch, str(tmp_path), 7)
+    assert images.shape == (grids.TRAINING_GRID_SIZE, 6, 6, 3)
+    assert os.path.exists(grids.training_grid_path(str(tmp_path), 7))
+    assert grids.training_grid_path("w", 7) == os.path.join("w", "samples", "step_000007.png")
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,12 @@
 """bdpo_jax.labels: every label mode worked out by hand on one small batch."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
-from bdpo_jax import labels
+from bdpo_jax import labels, schema
 
 NAMES = ("a", "b", "c")  # three scorers on very different scales: 0-1, 0-100, 1-10
 # scores [B=4, K=3, 2] (image 1, image 2)
@@ -38,9 +36,12 @@ def _batch():
     }
 
 
-def _label(mode, **kwargs):
-    kwargs.setdefault("scorer_names", NAMES)
-    return np.asarray(labels.label_for_batch(mode, _batch(), **kwargs))
+def _label(mode, scorer="", weights=None, score_std=STD, rng=None, batch=None, **smpo):
+    """label_fn(batch, weights_K, score_std_K, rng) of `mode`; weights default to the mode's."""
+    label_fn = labels.make_label_fn(mode, NAMES, scorer=scorer, **smpo)
+    if weights is None:
+        weights = labels.label_weights(mode, NAMES, scorer)
+    return np.asarray(label_fn(_batch() if batch is None else batch, weights, score_std, rng))
 
 
 def test_batch_is_self_consistent():
@@ -56,11 +57,11 @@ def test_majority_single_human_soft_vote():
     np.testing.assert_array_equal(_label("single", scorer="a"), [1, -1, 1, 1])
     np.testing.assert_array_equal(_label("single", scorer="b"), [-1, 1, -1, 1])
     np.testing.assert_array_equal(_label("single", scorer="c"), [1, -1, -1, 1])
-    for name, want in (("a", [1, -1, 1, 1]), ("c", [1, -1, -1, 1])):  # the runtime one-hot pick
-        onehot = labels.scorer_onehot(NAMES, name)
-        np.testing.assert_array_equal(_label("single", scorer=name, scorer_onehot=onehot), want)
+    # 'single' picks its scorer by a runtime one-hot: the label function is the same for all
+    np.testing.assert_array_equal(labels.label_weights("single", NAMES, "b"), [0, 1, 0])
+    np.testing.assert_array_equal(_label("single", weights=np.float32([0, 0, 1])), VOTES[:, 2])
     with pytest.raises(ValueError, match="config.label.scorer='z'"):
-        labels.scorer_onehot(NAMES, "z")
+        labels.label_weights("single", NAMES, "z")
     np.testing.assert_array_equal(_label("human"), [1, 0, -1, 0])  # NaN: no human label -> 0
     np.testing.assert_allclose(_label("soft_vote"), [1 / 3, -1 / 3, -1 / 3, 1.0], rtol=1e-6)
 
@@ -91,25 +92,24 @@ def test_normalized_sum_divides_by_dataset_std():
     std0 = np.array([0.2, 0.0, 1.0], np.float32)
     np.testing.assert_array_equal(_label("normalized_sum", score_std=std0), [1, -1, -1, 1])
     with pytest.raises(ValueError, match="score_std"):
-        _label("normalized_sum")
+        _label("normalized_sum", score_std=STD[:2])
 
 
 def test_random_scorer_labels_the_batch_with_one_uniformly_drawn_scorer():
-    fn = jax.jit(functools.partial(labels.label_for_batch, "random_scorer", scorer_names=NAMES))
+    fn = jax.jit(labels.make_label_fn("random_scorer", NAMES))
+    weights = labels.label_weights("random_scorer", NAMES)
     picks = []
     for i in range(300):
-        out = np.asarray(fn(_batch(), rng=jax.random.key(i)))
+        out = np.asarray(fn(_batch(), weights, STD, jax.random.key(i)))
         matches = [k for k in range(3) if np.array_equal(out, VOTES[:, k])]
         assert len(matches) == 1, out  # the columns of VOTES are distinct
         picks.append(matches[0])
     counts = np.bincount(picks, minlength=3)
     assert np.all(np.abs(counts - 100) < 35), counts
-    with pytest.raises(ValueError, match="rng"):
-        _label("random_scorer")
 
 
 def test_smpo_label():
-    lo, hi, scale = 0.11544, 0.28202, 10.0
+    lo, hi, scale = labels.SMPO_LO, labels.SMPO_HI, labels.SMPO_SCALE
     out = _label("smpo", scorer="a", smpo_lo=lo, smpo_hi=hi, smpo_scale=scale)
     # by hand: n = (s - lo) / (hi - lo); p = 1 / (1 + exp(-(n1 - n2))); label = (2p - 1) * 10
     d = (SCORES[:, 0, 0].astype(np.float64) - SCORES[:, 0, 1]) / (hi - lo)
@@ -127,22 +127,26 @@ def test_sft_returns_the_majority_winner_index():
     assert out.dtype == np.int32
     np.testing.assert_array_equal(out, [0, 1, 1, 0])
     tie = dict(_batch(), label=np.array([0, 1, -1, 0], np.int8))
-    np.testing.assert_array_equal(
-        labels.label_for_batch("sft", tie, scorer_names=NAMES), [0, 0, 1, 0]
-    )  # a tie keeps image 1, like Eq. 6
+    np.testing.assert_array_equal(_label("sft", batch=tie), [0, 0, 1, 0])  # a tie: image 1
 
 
 @pytest.mark.parametrize("mode", list(labels.MODES))
 def test_every_mode_jits_with_traced_batch(mode):
-    kwargs = dict(
-        scorer_names=NAMES, scorer="c", weights=jnp.array([0.2, 0.3, 0.5]),
-        score_std=jnp.asarray(STD), smpo_lo=0.0, smpo_hi=10.0, smpo_scale=10.0,
-    )  # fmt: skip
-    eager = labels.label_for_batch(mode, _batch(), rng=jax.random.key(0), **kwargs)
-    jitted = jax.jit(functools.partial(labels.label_for_batch, mode, **kwargs))(
-        {k: jnp.asarray(v) for k, v in _batch().items()}, rng=jax.random.key(0)
-    )
+    fn = labels.make_label_fn(mode, NAMES, scorer="c", smpo_lo=0.0, smpo_hi=10.0, smpo_scale=10.0)
+    weights = jnp.array([0.2, 0.3, 0.5]) if mode in labels.WEIGHTED_MODES else None
+    if weights is None:
+        weights = jnp.asarray(labels.label_weights(mode, NAMES, "c"))
+    args = (weights, jnp.asarray(STD), jax.random.key(0))
+    eager = fn(_batch(), *args)
+    jitted = jax.jit(fn)({k: jnp.asarray(v) for k, v in _batch().items()}, *args)
     np.testing.assert_allclose(np.asarray(jitted), np.asarray(eager), rtol=1e-6)
+
+
+def test_make_label_fn_names_bad_config():
+    with pytest.raises(schema.UserError, match=r"config.label.mode='best'"):
+        labels.make_label_fn("best", NAMES)
+    with pytest.raises(schema.UserError, match=r"config.label.scorer='hps'"):
+        labels.make_label_fn("smpo", NAMES, scorer="hps")
 
 
 def test_parse_weights():
@@ -165,8 +169,8 @@ def test_parse_weights():
 
 def _label_config(**fields):
     config = ml_collections.ConfigDict(
-        {"mode": "majority", "scorer": "", "weights": "", "smpo_lo": 0.11544,
-         "smpo_hi": 0.28202, "smpo_scale": 10.0, "tie_tolerance": 0.0}
+        {"mode": "majority", "scorer": "", "weights": "", "smpo_lo": labels.SMPO_LO,
+         "smpo_hi": labels.SMPO_HI, "smpo_scale": labels.SMPO_SCALE, "tie_tolerance": 0.0}
     )  # fmt: skip
     config.update(fields)
     return config

@@ -19,6 +19,7 @@ import pytest
 from bdpo_jax import loss as loss_lib
 from bdpo_jax import schedules
 
+pytestmark = pytest.mark.torch
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 models = pytest.importorskip("bdpo_jax.models")

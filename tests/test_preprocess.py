@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +21,11 @@ import torch
 
 from bdpo_jax import schema
 from scorers_torch import inputs, preprocess, shard_writer
+from scorers_torch.registry import SCORERS
 from tests.scorer_fixtures import tiny_hf_clip
 from tests.tiny_pipeline import build_clip_tokenizer, build_tiny_text_encoder, build_tiny_vae
+
+pytestmark = pytest.mark.torch  # needs torch at import
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_PAIRS, CORRUPT, TIE = 12, 3, 5  # pair 3 has an undecodable image_1, pair 5 two equal images
@@ -117,7 +121,9 @@ def _records(out):
 @pytest.fixture(scope="module")
 def keep_run(world):
     out = world["root"] / "keep"
-    manifest = preprocess.main(_argv(world, out, "--tie-policy", "keep", "--flip-views"))
+    manifest = preprocess.main(
+        _argv(world, out, "--tie-policy", "keep", "--flip-views", "--human-ties", "keep")
+    )
     return out, manifest
 
 
@@ -198,24 +204,47 @@ def test_rerun_skips_finished_shards(world, keep_run):
     out, manifest = keep_run
     shards = sorted(out.glob("shard-*"))
     mtimes = [s.stat().st_mtime_ns for s in shards]
-    again = preprocess.main(_argv(world, out, "--tie-policy", "keep", "--flip-views"))
+    again = preprocess.main(
+        _argv(world, out, "--tie-policy", "keep", "--flip-views", "--human-ties", "keep")
+    )
     assert [s.stat().st_mtime_ns for s in shards] == mtimes
     assert again["counts"] == manifest["counts"] and again["shards"] == manifest["shards"]
-    with pytest.raises(ValueError, match="other settings"):
-        preprocess.main(_argv(world, out, "--tie-policy", "drop", "--flip-views"))
+    with pytest.raises(preprocess.OutputFolderError, match="other settings"):
+        preprocess.run(
+            preprocess.parse_args(
+                _argv(world, out, "--tie-policy", "drop", "--flip-views", "--human-ties", "keep")
+            )
+        )
 
 
 def test_drop_policy_and_reader_compatibility(world, keep_run):
     from bdpo_jax import data
 
     out = world["root"] / "drop"
-    manifest = preprocess.main(_argv(world, out, "--tie-policy", "drop"))
+    manifest = preprocess.main(_argv(world, out, "--tie-policy", "drop", "--human-ties", "keep"))
     counts, keep_counts = manifest["counts"], keep_run[1]["counts"]
     assert counts["ties"] == keep_counts["ties"] == counts["dropped_ties"]
     assert counts["written"] == counts["scored"] - counts["ties"]
     assert all(int(r["label"]) != 0 for r in _records(out))
     info = data.read_dataset_info(str(out))
     assert info.num_records == counts["written"] and info.views == 1
+
+
+def test_pickapic_human_ties_dropped_by_default(world):
+    """The authors' recipe: Pick-a-Pic pairs with label_0 = 0.5 never reach the scorers."""
+    out = world["root"] / "human_ties"
+    manifest = preprocess.main(_argv(world, out))
+    counts = manifest["counts"]
+    human_ties = [i for i in range(NUM_PAIRS) if i % 3 == 2]  # labels[2] is (0.5, 0.5)
+    assert CORRUPT not in human_ties and TIE in human_ties
+    assert counts["read"] == NUM_PAIRS and counts["dropped_human_ties"] == len(human_ties)
+    assert counts["skipped"] == {"undecodable_image": 1}
+    assert counts["scored"] == NUM_PAIRS - len(human_ties) - 1
+    assert counts["written"] == counts["scored"] - counts["dropped_ties"]
+    records = _records(out)
+    assert all(float(r["human_label"]) != 0 for r in records)
+    assert not {int(r["pair_id"]) - 1000 for r in records} & set(human_ties)
+    assert manifest["human_ties"] == "drop"
 
 
 def test_injected_failure_leaves_no_partial_shard(world, keep_run, monkeypatch):
@@ -229,7 +258,9 @@ def test_injected_failure_leaves_no_partial_shard(world, keep_run, monkeypatch):
         real_write(self, record)
 
     monkeypatch.setattr(shard_writer.ShardWriter, "write", failing_write)
-    argv = _argv(world, out, "--tie-policy", "keep", "--latent-encoder", "identity")
+    argv = _argv(
+        world, out, "--tie-policy", "keep", "--human-ties", "keep", "--latent-encoder", "identity"
+    )
     argv[argv.index("--scorers") + 1] = "c2_brightness"  # cheap settings: no VAE, no CLIP
     with pytest.raises(RuntimeError, match="injected"):
         preprocess.main(argv)
@@ -247,7 +278,9 @@ def test_killed_subprocess_then_resume(world, keep_run):
     out = world["root"] / "killed"
     env = {**os.environ, "C2_KILL_AT_CALL": "3",
            "PYTHONPATH": os.pathsep.join([str(world["root"]), str(ROOT)])}  # fmt: skip
-    argv = _argv(world, out, "--tie-policy", "keep", "--latent-encoder", "identity")
+    argv = _argv(
+        world, out, "--tie-policy", "keep", "--human-ties", "keep", "--latent-encoder", "identity"
+    )
     argv[argv.index("--scorers") + 1] = "c2_brightness"  # fewer imports in the subprocess
     proc = subprocess.run([sys.executable, "-m", "scorers_torch.preprocess", *argv], env=env,
                           cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
@@ -274,6 +307,8 @@ def test_two_workers_split_disjointly(world):
             "--latent-encoder",
             "identity",
             "--tie-policy",
+            "keep",
+            "--human-ties",
             "keep",
             "--num-workers",
             "2",
@@ -316,6 +351,81 @@ def test_bad_inputs_have_clear_errors(world, tmp_path):
         inputs.expand_inputs([str(tmp_path / "none-*.parquet")])
     with pytest.raises(SystemExit):
         preprocess.parse_args(_argv(world, tmp_path, "--num-workers", "2", "--worker-index", "2"))
+
+
+if "pp_constant" not in SCORERS:  # a scorer that needs no model, for the CLI error tests
+    SCORERS.register("pp_constant")(lambda: None)
+
+CLI_ERRORS = {  # problem -> (JSONL lines or None for no file, extra flags, culprit in the error)
+    "missing input file": (None, [], "pairs.jsonl' does not exist"),
+    "invalid JSONL line": (['{"prompt": "a", "image_0": "x.png", "image_1": "y.png"}', "{oops"],
+                           [], "pairs.jsonl:2: invalid JSON"),
+    "record without image_1": (['{"prompt": "a", "image_0": "x.png"}'], [],
+                               "pairs.jsonl:1: missing field(s) ['image_1']"),
+    "unknown scorer": ([], ["--scorers", "pp_constant,no_such_scorer"],
+                       "--scorers, scorer 'no_such_scorer': unknown scorer"),
+    "unknown text encoder": ([], ["--text-encoder", "sd9"],
+                             "--text-encoder: unknown text encoder 'sd9'"),
+    "unknown plugin": ([], ["--plugins", "no_such_plugin_module_xyz"], "--plugins"),
+    "bad flag value": ([], ["--resolution", "0"], "--resolution must be > 0"),
+    "bad flag type": ([], ["--batch-size", "many"], "--batch-size"),
+}  # fmt: skip
+
+
+def _cli_argv(tmp_path, problem: str) -> list[str]:
+    lines, extra, _ = CLI_ERRORS[problem]
+    if lines is not None:
+        (tmp_path / "pairs.jsonl").write_text("".join(line + "\n" for line in lines))
+    return [
+        "--input", str(tmp_path / "pairs.jsonl"), "--format", "generic",
+        "--out", str(tmp_path / "out"), "--base-model", "unused", "--scorers", "pp_constant",
+        "--latent-encoder", "identity", "--device", "cpu", *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("problem", list(CLI_ERRORS))
+def test_cli_user_errors_are_one_line(tmp_path, capsys, problem):
+    argv = _cli_argv(tmp_path, problem)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        preprocess.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and lines, err
+    if not problem.startswith("bad flag"):  # argparse prints its usage before the error line
+        assert len(lines) == 1, err
+    assert (
+        lines[-1].startswith(f"{preprocess.PROG}: error: ") and CLI_ERRORS[problem][2] in lines[-1]
+    )
+
+
+def test_cli_user_error_in_a_subprocess_and_debug_traceback(tmp_path):
+    argv = _cli_argv(tmp_path, "missing input file")
+    command = [sys.executable, "-m", "scorers_torch.preprocess", *argv]
+    env = {k: v for k, v in os.environ.items() if k != schema.DEBUG_ENV}
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"{preprocess.PROG}: error: --input file {str(tmp_path / 'pairs.jsonl')!r} does not exist"
+    ]
+    debug = subprocess.run(command + ["--debug"], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=300)  # fmt: skip
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
+    assert "InputNotFoundError" in debug.stderr
+
+
+def test_an_undecodable_image_skips_its_pair_only(caplog):
+    good_jpeg = _jpeg(7)
+    batch = [
+        inputs.Pair(0, "bad", "p", b"not an image", good_jpeg, float("nan")),
+        inputs.Pair(1, "good", "p", good_jpeg, good_jpeg, 1.0),
+    ]
+    counts: dict = {"skipped": {}}
+    with caplog.at_level(logging.WARNING), ThreadPoolExecutor(1) as pool:
+        good = inputs.decode_pairs(batch, counts, pool)
+    assert [pair.pair_id for pair, *_ in good] == ["good"]
+    assert counts["skipped"] == {"undecodable_image": 1} and "skipping pair bad" in caplog.text
 
 
 def test_sdxl_records_carry_pooled_and_time_ids(world, tmp_path):

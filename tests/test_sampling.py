@@ -4,10 +4,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
 from bdpo_jax import sampling
+
+pytestmark = pytest.mark.torch
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+DDIMScheduler = diffusers.DDIMScheduler
+DPMSolverMultistepScheduler = diffusers.DPMSolverMultistepScheduler
+EulerDiscreteScheduler = diffusers.EulerDiscreteScheduler
 
 # Stable Diffusion 1.5's scheduler_config.json (a PNDMScheduler config; pipelines build the
 # other schedulers from it with from_config).
@@ -41,7 +46,7 @@ def _fixed_arrays():
 
 def _fake_out(x, t, w, bias, lib):
     """A fixed function of (x, t) standing in for the UNet: same maths in numpy/torch/jnp."""
-    return w * x * lib.cos(t / 300.0) + 0.3 * lib.sin(t / 100.0) * bias
+    return w[None] * x * lib.cos(t / 300.0) + 0.3 * lib.sin(t / 100.0) * bias[None]
 
 
 def _diffusers_run(name, num_steps, schedule_kwargs, noise, w, bias):

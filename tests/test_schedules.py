@@ -7,6 +7,7 @@ import pytest
 
 from bdpo_jax import schedules
 
+pytestmark = pytest.mark.torch
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 

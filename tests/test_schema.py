@@ -82,3 +82,38 @@ def test_version_mismatch_is_rejected():
         schema.decode_record(text.encode("latin-1"))
     with pytest.raises(schema.SchemaError, match="manifest.json: schema_version 0"):
         schema.check_manifest_version({"schema_version": 0}, "manifest.json")
+
+
+def test_batch_field_names_follow_the_record_schema():
+    assert schema.BATCH_FIELDS == tuple(schema.ARRAY_FIELDS)  # every numeric field, in order
+    assert schema.MODEL_INPUT_FIELDS == schema.BATCH_FIELDS[:5]
+    assert set(schema.MODEL_INPUT_FIELDS) >= {"moments_0", "moments_1", "text_embeds"}
+
+
+def test_run_cli_turns_user_errors_into_one_line(capsys, monkeypatch):
+    monkeypatch.delenv(schema.DEBUG_ENV, raising=False)
+
+    def fail():
+        raise schema.SchemaError("shards/manifest.json: missing manifest field 'views'")
+
+    with pytest.raises(SystemExit) as exit_info:
+        schema.run_cli("prog", fail)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        "prog: error: shards/manifest.json: missing manifest field 'views'\n"
+    )
+    with pytest.raises(schema.SchemaError):  # --debug keeps the traceback
+        schema.run_cli("prog", fail, debug=True)
+    with pytest.raises(ZeroDivisionError):  # a bug is never hidden
+        schema.run_cli("prog", lambda: 1 / 0)
+    assert schema.run_cli("prog", lambda: 7) == 7
+
+
+def test_pop_debug_flag(monkeypatch):
+    monkeypatch.delenv(schema.DEBUG_ENV, raising=False)
+    assert schema.pop_debug_flag(["--a", "--debug", "b"]) == (["--a", "b"], True)
+    assert schema.pop_debug_flag(["--a"]) == (["--a"], False)
+    monkeypatch.setenv(schema.DEBUG_ENV, "1")
+    assert schema.pop_debug_flag([]) == ([], True)
+    monkeypatch.setenv(schema.DEBUG_ENV, "0")
+    assert schema.pop_debug_flag([]) == ([], False)

@@ -22,6 +22,8 @@ from tests.scorer_fixtures import (
     tiny_open_clip,
 )
 
+pytestmark = pytest.mark.torch  # needs torch at import
+
 HF_SIZE = 30  # tiny transformers CLIP image size
 MEAN_3 = np.array(CLIP_MEAN, np.float32)
 STD_3 = np.array(CLIP_STD, np.float32)

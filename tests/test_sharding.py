@@ -107,6 +107,20 @@ def test_batch_sharding_places_rows_over_all_devices():
     assert all(s.data.shape == (2, 1) for s in x.addressable_shards)
 
 
+def test_to_global_batch_on_a_4x2_mesh():
+    batch_sharding = sharding.batch_sharding(sharding.make_mesh((4, 2)))
+    batch = {
+        "moments_0": np.arange(16 * 2 * 3, dtype=np.float16).reshape(16, 2, 3),
+        "label": np.arange(16, dtype=np.int8),
+    }
+    out = sharding.to_global_batch(batch, batch_sharding)
+    for key, value in batch.items():
+        assert out[key].sharding == batch_sharding and out[key].dtype == value.dtype
+        np.testing.assert_array_equal(np.asarray(out[key]), value)
+        shards = out[key].addressable_shards
+        assert len(shards) == 8 and all(s.data.shape[0] == 2 for s in shards)
+
+
 def test_distributed_not_initialised_for_single_process(monkeypatch):
     for var in (
         "JAX_COORDINATOR_ADDRESS",
@@ -131,7 +145,7 @@ class _Probe(nn.Module):
     @nn.compact
     def __call__(self, x_NCHW, t_N, text_NxLxD, added_cond_kwargs=None, train=False):
         h = jnp.transpose(x_NCHW, (0, 2, 3, 1))
-        t_emb = jnp.sin(t_N.astype(jnp.float32)[:, None] / (1.0 + jnp.arange(16.0)) / 100)
+        t_emb = jnp.sin(t_N.astype(jnp.float32)[:, None] / (1.0 + jnp.arange(16.0))[None] / 100)
         cond = nn.Dense(16)(t_emb) + nn.Dense(16)(text_NxLxD.mean(axis=1))
         h = nn.silu(nn.GroupNorm(4)(nn.Conv(16, (3, 3))(h)) + cond[:, None, None, :])
         h = nn.silu(nn.Conv(16, (3, 3))(h))
@@ -139,23 +153,27 @@ class _Probe(nn.Module):
 
 
 def _tiny_setup(config):
-    from bdpo_jax import data, train_step
+    """(DatasetInfo, one host batch, (step_fn, tx, consts) of `train.make_train_step`)."""
+    from bdpo_jax import data, train
 
     ds, info = data.make_dataset(config.data, global_batch_size=8, seed=0, label_mode="majority")
     host_batch = {k: v for k, v in next(iter(ds)).items() if k != "index"}
-    return info, host_batch, train_step.make_step_config(config, info)
-
-
-def _run_on_mesh(fns, cfg, info, host_state, host_batch, mesh, steps=2):
-    from bdpo_jax import data, train_step
-
-    state = jax.device_put(host_state, fns.shardings)
     # beta 50, not tiny.py's 500: beta/2 multiplies float32 reduction-order differences
-    consts = train_step.make_consts(info, cfg, 50.0, mesh)
-    batch = data.to_global_batch(host_batch, fns.batch_sharding)
+    config.dpo.beta = 50.0
+    return info, host_batch, lambda model: train.make_train_step(config, info, model)
+
+
+def _run_on_mesh(step_fn, shardings, consts, host_state, host_batch, mesh, steps=2):
+    batch_sharding, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+    step = jax.jit(
+        step_fn, in_shardings=(shardings, batch_sharding, repl), out_shardings=(shardings, repl)
+    )
+    state = jax.device_put(host_state, shardings)
+    consts = jax.device_put(consts, repl)
+    batch = sharding.to_global_batch(host_batch, batch_sharding)
     losses = []
     for _ in range(steps):
-        state, metrics = fns.train_step(state, batch, consts)
+        state, metrics = step(state, batch, consts)
         losses.append(float(metrics["loss"]))
     return losses, state
 
@@ -182,13 +200,10 @@ def _perturbed_reference(state):
 def test_step_same_on_one_device_and_meshes_8x1_4x2_1x8():
     """Two full train steps (loss, grads, clip, AdamW) of a probe denoiser: the same losses
     (1e-5) and parameters on 1 device and on the 8-device meshes, its kernels FSDP-sharded."""
-    import functools
-
-    from bdpo_jax import train_state, train_step
+    from bdpo_jax import train_state
     from configs import tiny
 
-    config = tiny.get_config()
-    info, host_batch, cfg = _tiny_setup(config)
+    info, host_batch, make_train_step = _tiny_setup(tiny.get_config())
     model = _Probe()
     c, h, w = info.latent_shape
     params = model.init(
@@ -197,7 +212,7 @@ def test_step_same_on_one_device_and_meshes_8x1_4x2_1x8():
         jnp.zeros((1,), jnp.int32),
         jnp.zeros((1, *info.text_shape)),
     )["params"]
-    tx, _ = cfg.optimizer()
+    step_fn, tx, consts = make_train_step(model)
     host_state = _perturbed_reference(
         train_state.init_state(model, tx, jax.random.PRNGKey(0), params)
     )
@@ -211,15 +226,7 @@ def test_step_same_on_one_device_and_meshes_8x1_4x2_1x8():
         mesh = sharding.make_mesh(shape, devices=devices)
         abstract = jax.eval_shape(lambda: host_state)
         shardings = sharding.tree_shardings(abstract, mesh, (), min_size=64)
-        step = jax.jit(
-            functools.partial(
-                train_step.train_step, model=model, schedule=cfg.make_schedule(), static_cfg=cfg
-            ),
-            in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
-            out_shardings=(shardings, sharding.replicated(mesh)),
-        )
-        fns = train_step.StepFunctions(step, None, shardings, sharding.batch_sharding(mesh), None)
-        results[name] = _run_on_mesh(fns, cfg, info, host_state, host_batch, mesh)
+        results[name] = _run_on_mesh(step_fn, shardings, consts, host_state, host_batch, mesh)
     _assert_same(results, "1")
     specs = {
         s.spec
@@ -232,24 +239,25 @@ def test_step_same_on_one_device_and_meshes_8x1_4x2_1x8():
 def test_tiny_unet_fsdp_1x8_matches_one_device():
     """The real tiny UNet on tiny.py's mesh (1, 8), kernels FSDP-sharded, params + ref + Adam
     states sharded alike, against one device."""
-    from bdpo_jax import train_state, train_step
+    from bdpo_jax import train_state
     from configs import tiny
 
     config = tiny.get_config()
-    info, host_batch, cfg = _tiny_setup(config)
+    info, host_batch, make_train_step = _tiny_setup(config)
     model, _, _ = train_state.build_model(
         config.model, latent_shape=info.latent_shape, text_shape=info.text_shape, pooled_dim=None
     )
+    step_fn, tx, consts = make_train_step(model)
     min_size = int(config.mesh.fsdp_min_size)
     results, host_state = {}, None
     for name, mesh in [
         ("1,8", sharding.make_mesh(config.mesh.shape)),
         ("1", sharding.make_mesh((1, 1), devices=jax.devices()[:1])),
     ]:
-        fns = train_step.make_step_functions(model, cfg, mesh, (), min_size)
+        inits = train_state.make_initializers(model, tx, mesh, (), min_size)
         if host_state is None:
-            host_state = _perturbed_reference(fns.inits.init_random(jax.random.PRNGKey(0)))
-        results[name] = _run_on_mesh(fns, cfg, info, host_state, host_batch, mesh)
+            host_state = _perturbed_reference(inits.init_random(jax.random.PRNGKey(0)))
+        results[name] = _run_on_mesh(step_fn, inits.shardings, consts, host_state, host_batch, mesh)
     _assert_same(results, "1")
     sharded = results["1,8"][1]
     specs = {x.sharding.spec for x in jax.tree.leaves(sharded.params)}
@@ -258,22 +266,3 @@ def test_tiny_unet_fsdp_1x8_matches_one_device():
     assert jax.tree.map(lambda x: x.sharding.spec, mu) == jax.tree.map(
         lambda x: x.sharding.spec, sharded.params
     )
-
-
-def test_memory_plan_counts_sd15_params_and_shards_them():
-    """The plan from eval_shape: SD1.5 has 859.5M UNet params; FSDP over 8 divides the bulk."""
-    from bdpo_jax import memory_plan
-
-    plan1 = memory_plan.memory_plan(
-        "sd15", mesh_shape=(1, 1), global_batch=8, grad_accum=1, latent_size=16, remat=True
-    )
-    plan8 = memory_plan.memory_plan(
-        "sd15", mesh_shape=(1, 8), global_batch=8, grad_accum=1, latent_size=16, remat=True
-    )
-    assert plan1["num_params"] == 859_520_964
-    rows1, rows8 = plan1["bytes_per_device"], plan8["bytes_per_device"]
-    assert rows1["params"] == 4 * 859_520_964
-    assert rows1["opt_state"] >= 2 * rows1["params"]  # Adam mu and nu
-    assert rows8["params"] < rows1["params"] / 7  # nearly everything sharded 8 ways
-    assert 0 < rows1["activations"] < rows1["activations_without_remat"]
-    assert "params" in memory_plan.format_table([plan1, plan8])

@@ -96,28 +96,43 @@ def test_missing_data_folder_is_named(tmp_path):
         train.train_and_evaluate(config, str(tmp_path / "w"))
 
 
+def _cli(tmp_path, *flags):
+    cmd = [sys.executable, "-m", "bdpo_jax.train", "--config", "configs/tiny.py"]
+    cmd += ["--workdir", str(tmp_path / "w"), *flags]
+    env = {k: v for k, v in os.environ.items() if k != "BDPO_DEBUG"}
+    env["JAX_PLATFORMS"] = "cpu"
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "flags,culprit",
+    [
+        (["--config.train.stepz=3"], "--config.train.stepz=3"),  # absl / ml_collections
+        (["--config.data.source=shards", "--config.data.path={tmp}/no_such_shards"],
+         "no_such_shards"),
+        (["--config.label.mode=majorty"], "config.label.mode='majorty'"),
+        (["--config.label.mode=single", "--config.label.scorer=hps"], "config.label.scorer='hps'"),
+        (["--config.optim.grad_accum_steps=3"], "config.optim.grad_accum_steps=3"),
+    ],
+)  # fmt: skip
+def test_command_line_user_errors_are_one_line_and_exit_2(tmp_path, flags, culprit):
+    """Every error is raised before anything compiles; a traceback only with --debug."""
+    out = _cli(tmp_path, *[f.format(tmp=tmp_path) for f in flags])
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2, out.stderr
+    assert len(lines) == 1 and lines[0].startswith("bdpo_jax.train: error: "), out.stderr
+    assert culprit in lines[0]
+
+
+def test_command_line_debug_shows_the_traceback(tmp_path):
+    out = _cli(tmp_path, "--config.label.mode=majorty", "--debug")
+    assert out.returncode != 0 and "Traceback" in out.stderr and "ConfigError" in out.stderr
+
+
 def test_command_line_parses_config_and_overrides(tmp_path):
     """The README command; --config.train.steps=0 stops at validation (no compile)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "bdpo_jax.train",
-        "--config",
-        "configs/tiny.py",
-        "--workdir",
-        str(tmp_path),
-        "--config.train.steps=0",
-    ]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode != 0
+    out = _cli(tmp_path, "--config.train.steps=0")
+    assert out.returncode == 2
     assert "config.train.steps must be >= 1, got 0" in out.stderr
-    bad = subprocess.run(
-        cmd[:-1] + ["--config.train.no_such_field=1"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert bad.returncode != 0 and "no_such_field" in bad.stderr
+    bad = _cli(tmp_path, "--config.train.no_such_field=1")
+    assert bad.returncode == 2 and "no_such_field" in bad.stderr

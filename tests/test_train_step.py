@@ -1,14 +1,14 @@
-"""The DPO train step, the reference refresh and the optimiser.
+"""The DPO train step and the reference refresh (the optimiser: tests/test_optim.py).
 
-Optimiser and schedules are checked against torch.optim.AdamW, transformers.Adafactor and
-diffusers' lr schedulers; the step's assembly (2B batch, shared noise and timestep, targets,
-text dropout, accumulation) against a recomputation in the test with a small probe model; the
-real tiny UNet for the paper's facts (loss log 2 and accuracy 0 at step 0), overfitting a fixed
-batch and the refresh schedule.
+The step as the trainer builds it (bdpo_jax.train.make_train_step): its assembly (2B batch,
+shared noise and timestep, targets, text dropout, accumulation) against a recomputation in the
+test with a small probe model; the real tiny UNet for the paper's facts (loss log 2 and
+accuracy 0 at step 0), overfitting a fixed batch and the refresh schedule.
 """
 
-import functools
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -17,132 +17,10 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-import torch
 
-from bdpo_jax import data, optim, sharding, train_state
+from bdpo_jax import data, schema, sharding, train, train_state
 from bdpo_jax import train_step as ts
 from configs import tiny
-
-# --- optimiser -------------------------------------------------------------------------------
-
-
-def _optim_config(**kw):
-    base = tiny.get_config().optim.to_dict()
-    base.update(kw)
-    return ml_collections.ConfigDict(base)
-
-
-def _run_optax(tx, p0, grads):
-    p = jax.tree.map(jnp.asarray, p0)
-    state = tx.init(p)
-    for g in grads:
-        updates, state = tx.update(jax.tree.map(jnp.asarray, g), state, p)
-        p = optax.apply_updates(p, updates)
-    return p
-
-
-def _problem(shapes, steps=6, scale=3.0):
-    rng = np.random.default_rng(0)
-    p0 = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
-    grads = [
-        {k: (scale * rng.standard_normal(s)).astype(np.float32) for k, s in shapes.items()}
-        for _ in range(steps)
-    ]
-    return p0, grads
-
-
-def test_adamw_with_warmup_and_clipping_matches_torch():
-    from diffusers.optimization import get_constant_schedule_with_warmup
-
-    cfg = _optim_config(
-        learning_rate=1e-2,
-        scale_lr=False,
-        warmup_steps=3,
-        grad_clip_norm=1.0,
-        weight_decay=1e-2,
-        b1=0.9,
-        b2=0.999,
-        eps=1e-8,
-    )
-    p0, grads = _problem({"w": (5, 3), "b": (3,)})
-    tx, _ = optim.make_optimizer(cfg, global_batch_size=8, total_steps=10)
-    p = _run_optax(tx, p0, grads)
-
-    tp = {k: torch.tensor(v, requires_grad=True) for k, v in p0.items()}
-    opt = torch.optim.AdamW(
-        list(tp.values()), lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2
-    )
-    sched = get_constant_schedule_with_warmup(opt, num_warmup_steps=3)
-    for g in grads:
-        for k in tp:
-            tp[k].grad = torch.tensor(g[k])
-        torch.nn.utils.clip_grad_norm_(list(tp.values()), 1.0)
-        opt.step()
-        sched.step()
-    for k in tp:
-        np.testing.assert_allclose(np.asarray(p[k]), tp[k].detach().numpy(), atol=2e-6)
-        assert not np.allclose(np.asarray(p[k]), p0[k])
-
-
-def test_adafactor_matches_transformers():
-    from transformers.optimization import Adafactor
-
-    cfg = _optim_config(
-        optimizer="adafactor",
-        learning_rate=1e-2,
-        scale_lr=False,
-        warmup_steps=0,
-        grad_clip_norm=0.0,
-        weight_decay=1e-2,
-    )
-    p0, grads = _problem({"w": (128, 130), "b": (7,)}, steps=5, scale=1.0)
-    tx, _ = optim.make_optimizer(cfg, global_batch_size=1, total_steps=10)
-    p = _run_optax(tx, p0, grads)
-    tp = {k: torch.tensor(v, requires_grad=True) for k, v in p0.items()}
-    opt = Adafactor(
-        list(tp.values()),
-        lr=1e-2,
-        scale_parameter=False,
-        relative_step=False,
-        warmup_init=False,
-        clip_threshold=1.0,
-        decay_rate=-0.8,
-        weight_decay=1e-2,
-    )
-    for g in grads:
-        for k in tp:
-            tp[k].grad = torch.tensor(g[k])
-        opt.step()
-    for k in tp:
-        np.testing.assert_allclose(np.asarray(p[k]), tp[k].detach().numpy(), atol=2e-6)
-
-
-def test_lr_schedules_match_diffusers_and_scale_lr():
-    from diffusers.optimization import (
-        get_constant_schedule_with_warmup,
-        get_cosine_schedule_with_warmup,
-    )
-
-    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    const = get_constant_schedule_with_warmup(dummy, num_warmup_steps=5)
-    cos = get_cosine_schedule_with_warmup(dummy, num_warmup_steps=5, num_training_steps=40)
-    ours_const = optim.make_lr_schedule(
-        _optim_config(learning_rate=1.0, scale_lr=False, warmup_steps=5), 128, 40
-    )
-    ours_cos = optim.make_lr_schedule(
-        _optim_config(learning_rate=1.0, scale_lr=False, warmup_steps=5, schedule="cosine"), 128, 40
-    )
-    for step in range(40):
-        assert float(ours_const(step)) == pytest.approx(const.lr_lambdas[0](step), abs=1e-6)
-        assert float(ours_cos(step)) == pytest.approx(cos.lr_lambdas[0](step), abs=1e-6)
-    # Diffusion-DPO --scale_lr: lr x pairs per optimiser step
-    scaled = _optim_config(learning_rate=1e-8, scale_lr=True, warmup_steps=0)
-    assert optim.effective_learning_rate(scaled, 128) == pytest.approx(1.28e-6)
-    with pytest.raises(ValueError, match="config.optim.schedule"):
-        optim.make_lr_schedule(_optim_config(schedule="linear"), 1, 1)
-    with pytest.raises(ValueError, match="config.optim.optimizer"):
-        optim.make_optimizer(_optim_config(optimizer="sgd"), 1, 1)
-
 
 # --- step assembly with a small probe model ----------------------------------------------------
 
@@ -153,7 +31,7 @@ class _Probe(nn.Module):
     @nn.compact
     def __call__(self, x_NCHW, t_N, text_NxLxD, added_cond_kwargs=None, train=False):
         h = jnp.transpose(x_NCHW, (0, 2, 3, 1))
-        t_emb = jnp.sin(t_N.astype(jnp.float32)[:, None] / (1.0 + jnp.arange(8.0)) / 100)
+        t_emb = jnp.sin(t_N.astype(jnp.float32)[:, None] / (1.0 + jnp.arange(8.0))[None, :] / 100)
         cond = nn.Dense(8)(t_emb) + nn.Dense(8)(text_NxLxD.mean(axis=1))
         if added_cond_kwargs is not None:
             extra = jnp.concatenate(
@@ -164,7 +42,19 @@ class _Probe(nn.Module):
         return jnp.transpose(nn.Conv(x_NCHW.shape[1], (3, 3))(h), (0, 3, 1, 2))
 
 
-def _probe_setup(pooled: bool = False, **overrides):
+class _Setup(NamedTuple):
+    model: nn.Module
+    config: ml_collections.ConfigDict
+    info: data.DatasetInfo
+    state: train_state.TrainState
+    batch: dict
+    consts: dict
+    step_fn: Callable  # train.make_train_step's step, unjitted
+    step: Callable  # jax.jit(step_fn)
+    tx: optax.GradientTransformation
+
+
+def _probe_setup(pooled: bool = False, **overrides) -> _Setup:
     config = tiny.get_config()
     config.data.synthetic_pooled_dim = 6 if pooled else 0
     for key, value in overrides.items():
@@ -173,14 +63,13 @@ def _probe_setup(pooled: bool = False, **overrides):
     ds, info = data.make_dataset(config.data, global_batch_size=8, seed=0, label_mode="majority")
     batch = next(iter(ds))
     batch = {k: jnp.asarray(v) for k, v in batch.items() if k != "index"}
-    cfg = ts.make_step_config(config, info)
     model = _Probe()
     c, h, w = info.latent_shape
     args = [jnp.zeros((1, c, h, w)), jnp.zeros((1,), jnp.int32), jnp.zeros((1, *info.text_shape))]
     if pooled:
         args.append({"text_embeds": jnp.zeros((1, 6)), "time_ids": jnp.zeros((1, 6))})
     params = model.init(jax.random.PRNGKey(1), *args)["params"]
-    tx, _ = cfg.optimizer()
+    step_fn, tx, consts = train.make_train_step(config, info, model)
     state = train_state.TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -188,23 +77,22 @@ def _probe_setup(pooled: bool = False, **overrides):
         opt_state=tx.init(params),
         rng=jax.random.PRNGKey(7),
     )
-    mesh = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
-    consts = ts.make_consts(info, cfg, float(config.dpo.beta), mesh)
-    step = jax.jit(
-        functools.partial(ts.train_step, model=model, schedule=cfg.make_schedule(), static_cfg=cfg)
-    )
-    return model, cfg, info, state, batch, consts, step
+    consts = jax.tree.map(jnp.asarray, consts)
+    return _Setup(model, config, info, state, batch, consts, step_fn, jax.jit(step_fn), tx)
 
 
-def _manual_loss(model, cfg, info, state, batch, consts, prediction_type="epsilon", label=None):
+def _manual_loss(setup: _Setup, label=None):
     """The authors' recipe written out in numpy from the documented key derivation."""
+    model, state, batch, consts = setup.model, setup.state, setup.batch, setup.consts
+    prediction_type = setup.config.model.prediction_type
+    p_drop = setup.config.dpo.proportion_empty_prompts
     rng = jax.random.fold_in(state.rng, state.step)
     _, k_step = jax.random.split(rng)
     k_x1, k_x2, k_eps, k_t, k_drop = jax.random.split(k_step, 5)
     # SD's scaled_linear DDPM schedule, written out independently of bdpo_jax.schedules
     betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2
     acp = np.cumprod(1.0 - betas)
-    scale = info.vae_scaling_factor
+    scale = setup.info.vae_scaling_factor
 
     def latents(m, key):
         m = np.asarray(m, np.float64)
@@ -216,7 +104,7 @@ def _manual_loss(model, cfg, info, state, batch, consts, prediction_type="epsilo
     t = np.asarray(jax.random.randint(k_t, (x1.shape[0],), 0, 1000))
     a = np.sqrt(acp[t])[:, None, None, None]
     s = np.sqrt(1 - acp[t])[:, None, None, None]
-    drop = np.asarray(jax.random.uniform(k_drop, (x1.shape[0],))) < cfg.proportion_empty_prompts
+    drop = np.asarray(jax.random.uniform(k_drop, (x1.shape[0],))) < p_drop
     text = np.where(
         drop[:, None, None],
         np.asarray(consts["empty_text_embeds"])[None],
@@ -270,9 +158,9 @@ def _manual_loss(model, cfg, info, state, batch, consts, prediction_type="epsilo
     ],
 )
 def test_step_loss_equals_manual_recipe(pooled, overrides):
-    model, cfg, info, state, batch, consts, step = _probe_setup(pooled, **overrides)
-    new_state, metrics = step(state, batch, consts)
-    want = _manual_loss(model, cfg, info, state, batch, consts, cfg.prediction_type)
+    s = _probe_setup(pooled, **overrides)
+    new_state, metrics = s.step(s.state, s.batch, s.consts)
+    want = _manual_loss(s)
     for name in ("model_mse", "ref_mse"):
         assert float(metrics[name]) == pytest.approx(want[name], rel=2e-6), name
     assert float(metrics["model_diff"]) == pytest.approx(want["model_diff"], rel=1e-3, abs=1e-6)
@@ -284,7 +172,7 @@ def test_step_loss_equals_manual_recipe(pooled, overrides):
 
 
 def test_single_scorer_steps_use_that_scorers_votes_and_share_one_program():
-    *_, batch, _, _ = _probe_setup()
+    batch = _probe_setup().batch
     votes_BxK, majority_B = np.asarray(batch["votes"]), np.asarray(batch["label"])
     # two scorers whose votes differ from the majority's and from each other's
     minority = [k for k in range(votes_BxK.shape[1]) if (votes_BxK[:, k] != majority_B).any()]
@@ -296,29 +184,28 @@ def test_single_scorer_steps_use_that_scorers_votes_and_share_one_program():
     )
     programs = []
     for k in picked:
-        model, cfg, info, state, batch, consts, step = _probe_setup(
-            label__mode="single", label__scorer=f"synthetic_{k}"
-        )
-        _, metrics = step(state, batch, consts)
-        want = _manual_loss(model, cfg, info, state, batch, consts, label=votes_BxK[:, k])
+        s = _probe_setup(label__mode="single", label__scorer=f"synthetic_{k}")
+        _, metrics = s.step(s.state, s.batch, s.consts)
+        want = _manual_loss(s, label=votes_BxK[:, k])
         assert float(metrics["loss"]) == pytest.approx(want["loss"], rel=1e-4)
-        programs.append(step.lower(state, batch, consts).as_text())
+        programs.append(s.step.lower(s.state, s.batch, s.consts).as_text())
     assert programs[0] == programs[1]  # the scorer is a runtime input, not a compile key
 
 
 def test_sft_step_is_the_mean_mse_of_the_winners():
-    model, cfg, info, state, batch, consts, step = _probe_setup(label__mode="sft")
-    assert {-1.0, 1.0} <= set(np.asarray(batch["label"]).tolist())  # both winners occur
-    _, metrics = step(state, batch, consts)
-    want = _manual_loss(model, cfg, info, state, batch, consts, cfg.prediction_type)
+    s = _probe_setup(label__mode="sft")
+    assert {-1.0, 1.0} <= set(np.asarray(s.batch["label"]).tolist())  # both winners occur
+    _, metrics = s.step(s.state, s.batch, s.consts)
+    want = _manual_loss(s)
     assert float(metrics["loss"]) == pytest.approx(want["sft_loss"], rel=2e-6)
     assert float(metrics["model_mse"]) == pytest.approx(want["sft_loss"], rel=2e-6)
 
 
 def test_all_prompts_dropped_equals_empty_text_input():
-    _, _, _, state, batch, consts, step = _probe_setup(dpo__proportion_empty_prompts=1.0)
-    _, m_drop = step(state, batch, consts)
-    _, _, _, state, batch, consts, step = _probe_setup(dpo__proportion_empty_prompts=0.0)
+    s = _probe_setup(dpo__proportion_empty_prompts=1.0)
+    _, m_drop = s.step(s.state, s.batch, s.consts)
+    s = _probe_setup(dpo__proportion_empty_prompts=0.0)
+    state, batch, consts, step = s.state, s.batch, s.consts, s.step
     empty = jnp.broadcast_to(consts["empty_text_embeds"][None], batch["text_embeds"].shape)
     _, m_empty = step(state, {**batch, "text_embeds": empty.astype(jnp.float16)}, consts)
     _, m_text = step(state, batch, consts)
@@ -327,16 +214,14 @@ def test_all_prompts_dropped_equals_empty_text_input():
 
 
 def test_gradient_accumulation_averages_micro_batches():
-    model, cfg, info, state, batch, consts, _ = _probe_setup(optim__grad_accum_steps=2)
-    step = jax.jit(
-        functools.partial(ts.train_step, model=model, schedule=cfg.make_schedule(), static_cfg=cfg)
-    )
-    new_state, metrics = step(state, batch, consts)
+    s = _probe_setup(optim__grad_accum_steps=2)
+    state, batch, consts = s.state, s.batch, s.consts
+    new_state, metrics = s.step(state, batch, consts)
     # by hand: micro-batch i = rows i::2 with key fold_in(k_step, i), gradients averaged
     k_label, k_step = jax.random.split(jax.random.fold_in(state.rng, state.step))
     label = jnp.asarray(batch["label"], jnp.float32)
-    inputs = {k: v for k, v in batch.items() if k in ts._MODEL_INPUTS}
-    micro = functools.partial(ts._micro_step, model=model, schedule=cfg.make_schedule(), cfg=cfg)
+    inputs = {k: v for k, v in batch.items() if k in schema.MODEL_INPUT_FIELDS}
+    micro = jax.value_and_grad(s.step_fn.keywords["loss_fn"], has_aux=True)
     outs = [
         micro(
             state.params,
@@ -348,13 +233,12 @@ def test_gradient_accumulation_averages_micro_batches():
         )
         for i in range(2)
     ]
-    grads = jax.tree.map(lambda a, b: (a + b) / 2, outs[0][0], outs[1][0])
-    tx, _ = cfg.optimizer()
-    updates, _ = tx.update(grads, state.opt_state, state.params)
+    grads = jax.tree.map(lambda a, b: (a + b) / 2, outs[0][1], outs[1][1])
+    updates, _ = s.tx.update(grads, state.opt_state, state.params)
     expect = optax.apply_updates(state.params, updates)
     for got, want in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(expect), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
-    loss = (float(outs[0][1]["loss"]) + float(outs[1][1]["loss"])) / 2
+    loss = (float(outs[0][0][0]) + float(outs[1][0][0])) / 2
     assert float(metrics["loss"]) == pytest.approx(loss, rel=1e-5)
     assert int(new_state.step) == 1
 
@@ -370,7 +254,7 @@ def test_sample_latents_formula():
 
 
 def test_refresh_and_ema_reference():
-    _, _, _, state, *_ = _probe_setup()
+    state = _probe_setup().state
     fresh = ts.refresh_reference(state)
     for p, r in zip(jax.tree.leaves(fresh.params), jax.tree.leaves(fresh.ref_params), strict=True):
         np.testing.assert_array_equal(p, r)
@@ -387,9 +271,19 @@ def test_refresh_and_ema_reference():
 # --- the real tiny UNet ----------------------------------------------------------------------
 
 
+class _Tiny(NamedTuple):
+    step: Callable  # jitted like the trainer's, state donated
+    refresh: Callable
+    shardings: train_state.TrainState
+    consts: dict
+    state0: train_state.TrainState  # on the host
+    batch: dict
+
+
 @pytest.fixture(scope="module")
-def tiny_unet():
-    """The trainer's own objects for configs/tiny.py (compiles are cached process-wide)."""
+def tiny_unet() -> _Tiny:
+    """The trainer's own step, refresh and initial state for configs/tiny.py on one device (the
+    8-device FSDP step of the same model is tests/test_sharding.py's job)."""
     config = tiny.get_config()
     config.dpo.proportion_empty_prompts = 0.0
     ds, info = data.make_dataset(config.data, global_batch_size=8, seed=0, label_mode="majority")
@@ -397,37 +291,41 @@ def tiny_unet():
     model, _, _ = train_state.build_model(
         config.model, latent_shape=info.latent_shape, text_shape=info.text_shape, pooled_dim=None
     )
-    cfg = ts.make_step_config(config, info)
-    # one device: the 8-device FSDP step of the same model is tests/test_sharding.py's job
+    step_fn, tx, consts = train.make_train_step(config, info, model)
     mesh = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
-    fns = ts.make_step_functions(model, cfg, mesh, (), int(config.mesh.fsdp_min_size))
-    consts = ts.make_consts(info, cfg, float(config.dpo.beta), mesh)
-    state0 = fns.inits.init_random(jax.random.PRNGKey(0))
-    batch = data.to_global_batch(batch, fns.batch_sharding)
-    return fns, consts, jax.device_get(state0), batch
+    inits = train_state.make_initializers(model, tx, mesh, (), int(config.mesh.fsdp_min_size))
+    state0 = jax.device_get(inits.init_random(jax.random.PRNGKey(0)))
+    return _Tiny(
+        train.jit_train_step(step_fn, inits.shardings, mesh),
+        train.jit_refresh(config.dpo, inits.shardings),
+        inits.shardings,
+        jax.device_put(consts, sharding.replicated(mesh)),
+        state0,
+        sharding.to_global_batch(batch, sharding.batch_sharding(mesh)),
+    )
 
 
-def _place(fns, host_state):
-    return jax.device_put(host_state, fns.shardings)
+def _place(tiny_unet: _Tiny) -> train_state.TrainState:
+    return jax.device_put(tiny_unet.state0, tiny_unet.shardings)
 
 
 def test_first_step_loss_is_log2(tiny_unet):
     """Policy == reference: loss log 2. (XLA compiles the policy forward, which keeps residuals
     for the backward, differently from the reference forward: the two mse differ by ~1 ulp,
     amplified by beta / 2 = 250, so the step-0 implicit accuracy is rounding noise here.)"""
-    fns, consts, state0, batch = tiny_unet
-    _, metrics = fns.train_step(_place(fns, state0), batch, consts)
+    t = tiny_unet
+    _, metrics = t.step(_place(t), t.batch, t.consts)
     assert float(metrics["loss"]) == pytest.approx(math.log(2), abs=1e-4)
     assert float(metrics["model_diff"]) == pytest.approx(float(metrics["ref_diff"]), abs=1e-6)
     assert float(metrics["model_mse"]) == pytest.approx(float(metrics["ref_mse"]), rel=1e-6)
 
 
 def test_overfits_a_fixed_batch(tiny_unet):
-    fns, consts, state0, batch = tiny_unet
-    state = _place(fns, state0)
+    t = tiny_unet
+    state = _place(t)
     losses, accs = [], []
     for _ in range(20):
-        state, metrics = fns.train_step(state, batch, consts)
+        state, metrics = t.step(state, t.batch, t.consts)
         losses.append(float(metrics["loss"]))
         accs.append(float(metrics["implicit_accuracy"]))
     assert np.mean(losses[-5:]) < losses[0] - 0.1, losses
@@ -435,8 +333,8 @@ def test_overfits_a_fixed_batch(tiny_unet):
 
 
 def test_reference_refresh_schedule(tiny_unet):
-    fns, consts, state0, batch = tiny_unet
-    state = _place(fns, state0)
+    t = tiny_unet
+    state = _place(t)
 
     def same(s):
         return all(
@@ -444,11 +342,11 @@ def test_reference_refresh_schedule(tiny_unet):
             for p, r in zip(jax.tree.leaves(s.params), jax.tree.leaves(s.ref_params), strict=True)
         )
 
-    state, metrics = fns.train_step(state, batch, consts)
+    state, metrics = t.step(state, t.batch, t.consts)
     assert float(metrics["lr"]) == 0.0 and same(state)  # warm-up starts at lr 0, like diffusers
-    state, _ = fns.train_step(state, batch, consts)
+    state, _ = t.step(state, t.batch, t.consts)
     assert not same(state)  # the policy moved, the reference did not
-    state = fns.refresh(state)
+    state = t.refresh(state)
     assert same(state)
-    state, _ = fns.train_step(state, batch, consts)
+    state, _ = t.step(state, t.batch, t.consts)
     assert not same(state)  # refreshed reference is a copy, not an alias of the params

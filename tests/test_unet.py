@@ -20,9 +20,11 @@ from bdpo_jax.models.embeddings import timestep_embedding
 from bdpo_jax.models.flash import chunked_attention
 from bdpo_jax.models.norms import GroupNorm
 from bdpo_jax.models.resnet import nearest_resize_indices
-from tests.unet_fixtures import save_random_unet, torch_forward, unet_inputs
 
+pytestmark = pytest.mark.torch
 torch = pytest.importorskip("torch")
+
+from tests.unet_fixtures import save_random_unet, torch_forward, unet_inputs  # noqa: E402
 
 # Timesteps in the three forms diffusers accepts: int [B], float [B], scalar.
 TIMESTEPS = {

@@ -16,10 +16,12 @@ from safetensors.numpy import load_file, save_file
 from bdpo_jax.models import load_unet, real_unet_config, save_unet, tiny_unet_config
 from bdpo_jax.models.unet import UNet2DConditionModel, abstract_unet_params
 from bdpo_jax.models.weights import WEIGHTS_NAME, flax_path_to_torch
-from tests.unet_fixtures import save_random_unet, torch_forward, unet_inputs
 
+pytestmark = pytest.mark.torch
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
+
+from tests.unet_fixtures import save_random_unet, torch_forward, unet_inputs  # noqa: E402
 
 # Published parameter counts of the real UNets (diffusers' sum of numel).
 REAL_COUNTS = {"sd15": 859_520_964, "sd21": 865_910_724, "sdxl": 2_567_463_684}

@@ -1,15 +1,19 @@
-"""bdpo_jax.vae against diffusers' AutoencoderKL on tiny random VAEs (fp32)."""
+"""bdpo_jax.models.vae against diffusers' AutoencoderKL on tiny random VAEs (fp32)."""
 
 import json
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from safetensors.torch import save_file
 
-from bdpo_jax import vae
-from tests.tiny_pipeline import build_tiny_vae
+from bdpo_jax.models import vae
+
+pytestmark = pytest.mark.torch
+torch = pytest.importorskip("torch")
+
+from safetensors.torch import save_file  # noqa: E402  (needs torch)
+
+from tests.tiny_pipeline import build_tiny_vae  # noqa: E402
 
 CONFIGS = {
     "tiny": {},

@@ -9,6 +9,11 @@ import jax.numpy as jnp
 Dtype = jnp.dtype
 
 
+def _last_axis(v_C: jax.Array, ndim: int) -> jax.Array:
+    """fp32 [C] as [1, ..., 1, C] of rank `ndim` (explicit broadcasting: no rank promotion)."""
+    return v_C.astype(jnp.float32).reshape((1,) * (ndim - 1) + v_C.shape)
+
+
 class GroupNorm(nn.Module):
     """torch.nn.GroupNorm on channels-last input: contiguous channel groups, biased variance."""
 
@@ -30,7 +35,7 @@ class GroupNorm(nn.Module):
         mean = grouped.mean(axis=axes, keepdims=True)
         var = jnp.square(grouped - mean).mean(axis=axes, keepdims=True)
         y = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
-        y = y * scale_C.astype(jnp.float32) + bias_C.astype(jnp.float32)
+        y = y * _last_axis(scale_C, y.ndim) + _last_axis(bias_C, y.ndim)
         return y.astype(self.dtype)
 
 
@@ -50,5 +55,5 @@ class LayerNorm(nn.Module):
         mean = x.mean(axis=-1, keepdims=True)
         var = jnp.square(x - mean).mean(axis=-1, keepdims=True)
         y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
-        y = y * scale_D.astype(jnp.float32) + bias_D.astype(jnp.float32)
+        y = y * _last_axis(scale_D, y.ndim) + _last_axis(bias_D, y.ndim)
         return y.astype(self.dtype)

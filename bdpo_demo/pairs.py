@@ -18,7 +18,7 @@ import numpy as np
 import PIL.Image
 from tqdm import tqdm
 
-from bdpo_jax.demo import world
+from bdpo_demo import world
 
 
 def to_pil(image_HxWx3: np.ndarray) -> PIL.Image.Image:

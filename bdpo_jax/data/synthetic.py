@@ -2,11 +2,12 @@
 
 Backs configs/tiny.py and the trainer's CPU tests: no files, deterministic from the seed,
 cheap. Records have the keys and dtypes of `bdpo_jax.schema` and go through the same Grain
-pipeline as the shards (`bdpo_jax.data.build_pipeline`), so shuffling, multi-host slicing,
-tie filtering, batching and iterator checkpoints behave exactly as with real data.
+pipeline as the shards (`bdpo_jax.data.pipeline.build_pipeline`), so shuffling, multi-host
+slicing, tie filtering, batching and iterator checkpoints behave exactly as with real data.
 
 Scores are random, on deliberately different scales per scorer (like PickScore, HPS,
-CLIP and Aesthetic); votes, label and margin follow the paper's Eq. 6/7 from those scores.
+CLIP and Aesthetic); votes, label and margin follow the paper's Eq. 6/7 from those scores
+(`schema.votes_from_scores` and `schema.majority`, the rule the preprocessing uses).
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from __future__ import annotations
 import grain
 import numpy as np
 
-from bdpo_jax import data
+from bdpo_jax import schema
+from bdpo_jax.data.manifest import DataConfigError, DatasetInfo
+from bdpo_jax.data.pipeline import build_pipeline
 
 VAE_SCALING_FACTOR = 0.18215  # SD1.5's; synthetic latents are N(0, 1) after scaling
 _BASE_MEANS = np.array([0.19, 0.27, 0.37, 4.5], np.float64)  # P, H, C, A-like scales
@@ -25,13 +28,6 @@ def score_stats(num_scorers: int) -> tuple[np.ndarray, np.ndarray]:
     k = np.arange(num_scorers)
     mean_K = _BASE_MEANS[k % len(_BASE_MEANS)] * (1 + k // len(_BASE_MEANS))
     return mean_K.astype(np.float32), (0.1 * mean_K).astype(np.float32)
-
-
-def votes_from_scores(scores_Kx2: np.ndarray, tol: float = 0.0) -> tuple[np.ndarray, int, int]:
-    """Eq. 6/7: s_k = +1 if score_0 >= score_1 - tol else -1; label = sign(sum_k s_k)."""
-    votes_K = np.where(scores_Kx2[:, 0] >= scores_Kx2[:, 1] - tol, 1, -1).astype(np.int8)
-    margin = int(votes_K.sum())
-    return votes_K, int(np.sign(margin)), margin
 
 
 class SyntheticSource(grain.sources.RandomAccessDataSource):
@@ -47,18 +43,18 @@ class SyntheticSource(grain.sources.RandomAccessDataSource):
         seed: int,
     ):
         if num_records < 1 or num_scorers < 1:
-            raise ValueError(
-                "data.synthetic_num_records and data.synthetic_num_scorers must be >= 1, "
-                f"got {num_records} and {num_scorers}"
+            raise DataConfigError(
+                "config.data.synthetic_num_records and config.data.synthetic_num_scorers must "
+                f"be >= 1, got {num_records} and {num_scorers}"
             )
         self.num_records, self.num_scorers = int(num_records), int(num_scorers)
         self.latent_shape = tuple(int(x) for x in latent_shape)
         self.text_shape = tuple(int(x) for x in text_shape)
         self.pooled_dim, self.seed = pooled_dim, int(seed)
         if len(self.latent_shape) != 3 or len(self.text_shape) != 2:
-            raise ValueError(
-                f"data.synthetic_latent_shape must be (C, H, W) and data.synthetic_text_shape "
-                f"(L, D), got {latent_shape} and {text_shape}"
+            raise DataConfigError(
+                "config.data.synthetic_latent_shape must be (C, H, W) and "
+                f"config.data.synthetic_text_shape (L, D), got {latent_shape} and {text_shape}"
             )
 
     def __len__(self) -> int:
@@ -82,7 +78,8 @@ class SyntheticSource(grain.sources.RandomAccessDataSource):
         mean_K, std_K = score_stats(self.num_scorers)
         scores = mean_K[:, None] + std_K[:, None] * rng.standard_normal((self.num_scorers, 2))
         scores = scores.astype(np.float32)
-        votes, label, margin = votes_from_scores(scores)
+        votes_1xK = schema.votes_from_scores(scores[None])
+        label_1, margin_1 = schema.majority(votes_1xK)
         record = {
             "pair_id": f"synthetic-{index}",
             "prompt": f"synthetic prompt {index}",
@@ -90,9 +87,9 @@ class SyntheticSource(grain.sources.RandomAccessDataSource):
             "moments_1": moments(),
             "text_embeds": rng.standard_normal(self.text_shape).astype(np.float16),
             "scores": scores,
-            "votes": votes,
-            "label": np.int8(label),
-            "margin": np.int8(margin),
+            "votes": votes_1xK[0],
+            "label": label_1[0],
+            "margin": margin_1[0],
             "human_label": np.float32(rng.choice([-1.0, 1.0])),
         }
         if self.pooled_dim:
@@ -102,7 +99,7 @@ class SyntheticSource(grain.sources.RandomAccessDataSource):
         return record
 
 
-def _source_and_info(data_config, seed: int) -> tuple[SyntheticSource, data.DatasetInfo]:
+def _source_and_info(data_config, seed: int) -> tuple[SyntheticSource, DatasetInfo]:
     pooled_dim = int(data_config.get("synthetic_pooled_dim", 0)) or None
     source = SyntheticSource(
         num_records=int(data_config.synthetic_num_records),
@@ -113,7 +110,7 @@ def _source_and_info(data_config, seed: int) -> tuple[SyntheticSource, data.Data
         seed=seed,
     )
     mean_K, std_K = score_stats(source.num_scorers)
-    info = data.DatasetInfo(
+    info = DatasetInfo(
         scorer_names=tuple(f"synthetic_{k}" for k in range(source.num_scorers)),
         latent_shape=source.latent_shape,
         text_shape=source.text_shape,
@@ -129,7 +126,7 @@ def _source_and_info(data_config, seed: int) -> tuple[SyntheticSource, data.Data
     return source, info
 
 
-def synthetic_dataset_info(data_config, seed: int = 0) -> data.DatasetInfo:
+def synthetic_dataset_info(data_config, seed: int = 0) -> DatasetInfo:
     """The DatasetInfo of the synthetic data of `data_config` (no records made)."""
     return _source_and_info(data_config, seed)[1]
 
@@ -142,10 +139,10 @@ def make_synthetic_dataset(
     label_mode: str,
     process_index: int = 0,
     process_count: int = 1,
-) -> tuple[grain.IterDataset, data.DatasetInfo]:
+) -> tuple[grain.IterDataset, DatasetInfo]:
     """Batches of synthetic pairs through the shards' pipeline, and their DatasetInfo."""
     source, info = _source_and_info(data_config, seed)
-    dataset = data.build_pipeline(
+    dataset = build_pipeline(
         source,
         data_config=data_config,
         num_records=info.num_records,

@@ -1,7 +1,7 @@
 """A JAX image generator for a trainer workdir (the evaluation protocol's `Generator`).
 
 `JaxGenerator(workdir).generate(prompts, seeds)` restores the workdir's latest Orbax params
-(bdpo_jax.export.restore_params), encodes the prompts with the run's text encoder (MiniLM for
+(bdpo_jax.checkpointing.restore_params), encodes the prompts with the run's text encoder (MiniLM for
 the demo), samples with bdpo_jax.sampling (CFG against the empty prompt) and returns PIL
 images. The starting noise of an image depends only on its seed, so every model sees the same
 noise for the same seed. Latents are pixels here (identity latent encoder): image = (x / s + 1)
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 
-from bdpo_jax import export, sampling
+from bdpo_jax import checkpointing, sampling
 from bdpo_jax.models import UNet2DConditionModel
 
 _MODELS: dict[str, Any] = {}  # one model object per UNet config: sampling's jit cache is per model
@@ -72,8 +72,8 @@ class JaxGenerator:
         self.workdir, self.text_encoder = workdir, text_encoder
         self.scheduler, self.steps, self.guidance = scheduler, steps, guidance
         self.batch_size = batch_size
-        run = _read_json(os.path.join(workdir, "config.json"))
-        self.unet_cfg = _read_json(os.path.join(workdir, "unet_config.json"))
+        run = _read_json(os.path.join(workdir, checkpointing.CONFIG_FILE))
+        self.unet_cfg = _read_json(os.path.join(workdir, checkpointing.UNET_CONFIG_FILE))
         self.schedule = schedule_from_run_config(run)
         self.scaling = float(run["diffusion"]["vae_scaling_factor"])
         self._params = None
@@ -81,7 +81,7 @@ class JaxGenerator:
 
     def _load(self) -> Any:
         if self._params is None:
-            _, params = export.restore_params(self.workdir)
+            params = checkpointing.restore_params(self.workdir, source="workdir")
             self._params = jax.tree.map(jnp.asarray, params)
             self._uncond = np.asarray(self.text_encoder.encode([""])["text_embeds"], np.float32)
         return self._params

@@ -1,0 +1,51 @@
+"""python -m bdpo_demo: flag mistakes and an unwritable --out are one line and exit code 2."""
+
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.fixture
+def demo_main(monkeypatch):
+    # importing bdpo_demo.__main__ adds a CPU flag to XLA_FLAGS: keep it out of later tests
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+    return importlib.import_module("bdpo_demo.__main__")
+
+
+def test_overrides_set_typed_fields(demo_main):
+    from configs import demo_ci
+
+    config = demo_ci.get_config()
+    demo_main.apply_override(config, "--config.demo.dpo_steps=7")
+    demo_main.apply_override(config, "--config.demo.channels=(8, 8)")
+    assert config.demo.dpo_steps == 7 and config.demo.channels == (8, 8)
+
+
+def test_user_errors_are_one_line_and_exit_2(demo_main, tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    cases = {
+        "--seed": ["--seed", "x"],
+        "'--bogus'": ["--bogus"],
+        "--config.demo.nope": ["--config.demo.nope=1"],
+        "--config.nope.seed": ["--config.nope.seed=1"],
+        "--config.demo.dpo_steps=many": ["--config.demo.dpo_steps=many"],
+        f"--out {a_file / 'out'}": ["--out", str(a_file / "out")],
+    }
+    for culprit, args in cases.items():
+        with pytest.raises(SystemExit) as exit_info:
+            demo_main.main(["--ci", *args])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2, culprit
+        assert err.count("\n") == 1 and culprit in err, err
+        assert err.startswith(f"{demo_main.PROG}: error: ") and "Traceback" not in err
+    with pytest.raises(demo_main.schema.UserError, match="--config.demo.nope"):  # --debug
+        demo_main.main(["--config.demo.nope=1", "--debug"])
+    # the real command line
+    command = [sys.executable, "-m", "bdpo_demo", "--out", str(a_file / "out")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "--out" in result.stderr and "Traceback" not in result.stderr
