@@ -24,7 +24,7 @@ from bdpo_jax.models.norms import GroupNorm
 from bdpo_jax.models.presets import NUM_TIME_IDS, complete_config
 from bdpo_jax.models.resnet import conv
 from bdpo_jax.models.unet_blocks import DownBlock, MidBlock, UpBlock
-from bdpo_jax.models.unet_config import UNetSpec, unet_spec
+from bdpo_jax.models.unet_config import UNetSpec, unet_spec, warn_unknown_fields
 
 
 def _freeze(value: Any) -> Any:
@@ -82,10 +82,17 @@ class UNet2DConditionModel(nn.Module):
         remat: bool = False,
         attention: str = "auto",
     ) -> UNet2DConditionModel:
-        """Builds the model from a diffusers config.json dict; unsupported values raise."""
+        """Builds the model from a diffusers config.json dict, reading it as diffusers does.
+
+        Keys that are not diffusers constructor arguments are kept in ``model.config`` (so
+        ``save_unet`` writes them back, as diffusers' ``save_pretrained`` does) but ignored,
+        with a warning naming them; a value the port does not implement raises
+        ``UnsupportedConfigError`` naming the field.
+        """
         if attention not in ATTENTION_CHOICES:
             raise ValueError(f"attention={attention!r} is not one of {ATTENTION_CHOICES}")
         full = complete_config(config)
+        warn_unknown_fields(full)
         unet_spec(full)  # validate now, with errors naming the field
         return cls(_freeze(full), param_dtype, dtype, remat, attention)
 
