@@ -108,3 +108,12 @@ def test_unsupported_value_in_a_folder_is_a_user_error_naming_file_field_and_val
     assert "config.json: time_embedding_type='fourier' is not supported" in msg
     assert isinstance(info.value, UserError) and isinstance(info.value, ValueError)
     assert "\n" not in msg
+
+
+def test_encoder_hid_dim_alone_means_text_proj_as_in_diffusers():
+    cfg = tiny_unet_config("kolors")
+    cfg["encoder_hid_dim_type"] = None
+    model = UNet2DConditionModel.from_config(cfg)
+    assert dict(model.config)["encoder_hid_dim_type"] == "text_proj"
+    assert model.spec.context_dim == cfg["encoder_hid_dim"]
+    assert "encoder_hid_proj" in abstract_unet_params(model)

@@ -100,8 +100,7 @@ _FIXED: dict[str, tuple[Any, ...]] = {
     "class_embed_type": (None,),
     "num_class_embeds": (None,),
     "addition_embed_type": (None, "text_time"),
-    "encoder_hid_dim": (None,),
-    "encoder_hid_dim_type": (None,),
+    "encoder_hid_dim_type": (None, "text_proj"),
     "resnet_time_scale_shift": ("default",),
     "resnet_skip_time_act": (False,),
     "resnet_out_scale_factor": (1, 1.0),
@@ -109,7 +108,6 @@ _FIXED: dict[str, tuple[Any, ...]] = {
     "time_embedding_dim": (None,),
     "time_embedding_act_fn": (None,),
     "timestep_post_act": (None,),
-    "time_cond_proj_dim": (None,),
     "attention_type": ("default",),
     "class_embeddings_concat": (False,),
     "cross_attention_norm": (None,),
@@ -145,10 +143,17 @@ class UNetSpec:
     addition_embed_type: str | None
     addition_time_embed_dim: int | None
     projection_class_embeddings_input_dim: int | None
+    time_cond_proj_dim: int | None  # width of the call's ``timestep_cond`` (LCM), or None
+    encoder_hid_dim: int | None  # "text_proj": encoder states are projected from this width
 
     @property
     def time_embed_dim(self) -> int:
         return self.block_out_channels[0] * 4
+
+    @property
+    def context_dim(self) -> int:
+        """Width of the ``encoder_hidden_states`` the model takes."""
+        return self.encoder_hid_dim or self.cross_attention_dim[0]
 
 
 def unknown_fields(config: dict[str, Any]) -> list[str]:
@@ -249,6 +254,28 @@ def unet_spec(config: dict[str, Any]) -> UNetSpec:
         for f in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
             if cfg[f] is None:
                 raise UnsupportedConfigError(f"{f}=None: addition_embed_type='text_time' needs it")
+        if cfg["projection_class_embeddings_input_dim"] <= cfg["addition_time_embed_dim"]:
+            raise UnsupportedConfigError(
+                "projection_class_embeddings_input_dim="
+                f"{cfg['projection_class_embeddings_input_dim']} leaves no room for text_embeds "
+                f"beside time ids of addition_time_embed_dim={cfg['addition_time_embed_dim']}"
+            )
+    cross_dims = _per_level(cfg, "cross_attention_dim", n)
+    hid_dim, hid_type = cfg["encoder_hid_dim"], cfg["encoder_hid_dim_type"]
+    if hid_type is not None and hid_dim is None:
+        raise UnsupportedConfigError(
+            f"encoder_hid_dim=None: encoder_hid_dim_type={hid_type!r} needs it"
+        )
+    # diffusers: encoder_hid_dim without a type means "text_proj"
+    if hid_dim is not None and len(set(cross_dims)) != 1:
+        raise UnsupportedConfigError(
+            f"cross_attention_dim={cfg['cross_attention_dim']!r}: encoder_hid_dim_type="
+            "'text_proj' projects to one width; per-level widths are not supported"
+        )
+    cond_dim = cfg["time_cond_proj_dim"]
+    for f, v in (("encoder_hid_dim", hid_dim), ("time_cond_proj_dim", cond_dim)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise UnsupportedConfigError(f"{f}={v!r} is not supported (a positive int or None)")
     return UNetSpec(
         in_channels=int(cfg["in_channels"]),
         out_channels=int(cfg["out_channels"]),
@@ -259,7 +286,7 @@ def unet_spec(config: dict[str, Any]) -> UNetSpec:
         layers_per_block=_per_level(cfg, "layers_per_block", n),
         num_heads=num_heads,
         transformer_layers=_per_level(cfg, "transformer_layers_per_block", n),
-        cross_attention_dim=_per_level(cfg, "cross_attention_dim", n),
+        cross_attention_dim=cross_dims,
         norm_num_groups=int(groups),
         norm_eps=float(cfg["norm_eps"]),
         use_linear_projection=bool(cfg["use_linear_projection"]),
@@ -274,4 +301,6 @@ def unet_spec(config: dict[str, Any]) -> UNetSpec:
         addition_embed_type=add,
         addition_time_embed_dim=cfg["addition_time_embed_dim"],
         projection_class_embeddings_input_dim=cfg["projection_class_embeddings_input_dim"],
+        time_cond_proj_dim=cond_dim,
+        encoder_hid_dim=hid_dim,
     )
