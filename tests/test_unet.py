@@ -1,9 +1,9 @@
 """Flax UNet port vs diffusers' UNet2DConditionModel on tiny randomly initialised models.
 
-Each family (SD1.5-like, SD2-like with non-default options at an odd 7x7 latent, SDXL-like) is
-built in diffusers with
-every weight random, saved with save_pretrained, loaded with load_unet and compiled once
-(module-scoped fixture).
+Each family (SD1.5-like, SD2-like with non-default options at an odd 7x7 latent, SDXL-like, the
+SDXL refiner's layout with 5 time ids, LCM's ``timestep_cond``, Kolors' ``encoder_hid_proj``) is
+built in diffusers with every weight random, saved with save_pretrained, loaded with load_unet
+and compiled once (module-scoped fixture).
 """
 
 from __future__ import annotations
@@ -19,7 +19,10 @@ from bdpo_jax.models import UNet2DConditionModel, init_unet_params, load_unet, t
 from bdpo_jax.models.embeddings import timestep_embedding
 from bdpo_jax.models.flash import chunked_attention
 from bdpo_jax.models.norms import GroupNorm
+from bdpo_jax.models.presets import REFINER_NUM_TIME_IDS
 from bdpo_jax.models.resnet import nearest_resize_indices
+from bdpo_jax.models.unet_config import UnsupportedConfigError
+from bdpo_jax.schema import UserError
 
 pytestmark = pytest.mark.torch
 torch = pytest.importorskip("torch")
@@ -31,7 +34,11 @@ TIMESTEPS = {
     "sd15": lambda b: np.array([3, 977])[:b],
     "sd21": lambda b: np.array([12.5, 630.25], np.float32)[:b],
     "sdxl": lambda b: np.int32(421),
+    "sdxl_refiner": lambda b: np.array([150, 20])[:b],
+    "lcm": lambda b: np.array([999, 259])[:b],
+    "kolors": lambda b: np.array([499, 1])[:b],
 }
+NUM_TIME_IDS = {"sdxl_refiner": REFINER_NUM_TIME_IDS}  # the others: SDXL's 6 (or none)
 
 
 def compile_quick(fn, *args):
@@ -74,15 +81,28 @@ def _build_case(family: str, folder) -> dict:
     extras = SD21_EXTRAS if family == "sd21" else {}
     torch_model = save_random_unet(family, folder, seed=1, **extras)
     model, params = load_unet(folder)
-    inputs = unet_inputs({**tiny_unet_config(family), **extras}, batch=2, seed=2)
+    cfg = {**tiny_unet_config(family), **extras}
+    inputs = unet_inputs(cfg, batch=2, seed=2, num_time_ids=NUM_TIME_IDS.get(family, 6))
     t = TIMESTEPS[family](2)
     ref = torch_forward(torch_model, inputs, timesteps=t)
     apply = jax.jit(model.apply)
-    out = apply({"params": params}, inputs["sample"], t, inputs["context"], inputs["added"])
-    return dict(family=family, model=model, params=params, inputs=inputs, t=t, ref=ref, out=out)
+    x = inputs
+    out = apply(
+        {"params": params}, x["sample"], t, x["context"], x["added"], False, x["timestep_cond"]
+    )
+    return dict(
+        family=family,
+        model=model,
+        torch_model=torch_model,
+        params=params,
+        inputs=inputs,
+        t=t,
+        ref=ref,
+        out=out,
+    )
 
 
-FAMILIES = ["sd15", "sd21", "sdxl"]
+FAMILIES = ["sd15", "sd21", "sdxl", "sdxl_refiner", "lcm", "kolors"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -92,6 +112,16 @@ def test_fp32_parity_with_diffusers(cases, family):
     assert out.shape == case["ref"].shape and out.dtype == np.float32
     assert np.abs(case["ref"]).max() > 0.1  # a non-trivial output
     np.testing.assert_allclose(out, case["ref"], atol=1e-4, rtol=0)
+
+
+def test_lcm_runs_without_timestep_cond_like_diffusers(cases):
+    """diffusers skips cond_proj when timestep_cond is None; so does the port."""
+    case = cases("lcm")
+    x = dict(case["inputs"], timestep_cond=None)
+    ref = torch_forward(case["torch_model"], x, timesteps=case["t"])
+    out = case["model"].apply({"params": case["params"]}, x["sample"], case["t"], x["context"])
+    assert np.abs(ref - case["ref"]).max() > 1e-3  # the condition matters
+    np.testing.assert_allclose(np.asarray(out), ref, atol=1e-4, rtol=0)
 
 
 def test_bf16_compute_close_to_fp32(cases):
@@ -218,22 +248,25 @@ UNSUPPORTED = [
     ("act_fn", "gelu", "act_fn='gelu'"),
     ("class_embed_type", "timestep", "class_embed_type='timestep'"),
     ("addition_embed_type", "text", "addition_embed_type='text'"),
-    ("time_cond_proj_dim", 256, "time_cond_proj_dim=256"),
+    ("time_cond_proj_dim", 0, "time_cond_proj_dim=0"),
+    ("encoder_hid_dim_type", "image_proj", "encoder_hid_dim_type='image_proj'"),
+    ("encoder_hid_dim_type", "text_proj", "encoder_hid_dim=None"),
     ("resnet_time_scale_shift", "scale_shift", "resnet_time_scale_shift='scale_shift'"),
     ("only_cross_attention", True, "only_cross_attention=True"),
     ("dual_cross_attention", True, "dual_cross_attention=True"),
     ("attention_head_dim", [2, 4, 8], r"attention_head_dim=\[2, 4, 8\]"),
     ("num_attention_heads", 4, "num_attention_heads=4"),
-    ("not_a_diffusers_field", 1, r"unknown UNet config field\(s\) \['not_a_diffusers_field'\]"),
+    ("cross_attention_dim", [16, 32], r"cross_attention_dim=\[16, 32\]: encoder_hid_dim_type"),
 ]
 
 
 @pytest.mark.parametrize("field,value,match", UNSUPPORTED)
 def test_unsupported_config_value_names_the_field(field, value, match):
-    cfg = tiny_unet_config("sd15")
+    cfg = tiny_unet_config("kolors" if field == "cross_attention_dim" else "sd15")
     cfg[field] = value
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(UnsupportedConfigError, match=match) as info:
         UNet2DConditionModel.from_config(cfg)
+    assert isinstance(info.value, UserError) and isinstance(info.value, ValueError)
 
 
 def test_bad_call_arguments_are_clear():
@@ -248,3 +281,23 @@ def test_bad_call_arguments_are_clear():
         jax.eval_shape(
             model.apply, {"params": params}, x["sample"], np.zeros(3), x["context"], x["added"]
         )
+
+
+def test_bad_conditioning_is_clear():
+    """time_ids that do not fill the projection, timestep_cond and context widths."""
+    for family, call, match in [
+        ("sdxl", {"num_time_ids": 5}, "32 \\+ 5 time ids \\* addition_time_embed_dim 8 = 72 != "),
+        ("lcm", {"timestep_cond": np.zeros((1, 3))}, r"expected \(1, 8\) \(time_cond_proj_dim\)"),
+        ("sd15", {"timestep_cond": np.zeros((1, 8))}, "time_cond_proj_dim=None"),
+        ("kolors", {"context": np.zeros((1, 5, 24))}, r"expected \(B, L, 32\)"),
+    ]:
+        cfg = tiny_unet_config(family)
+        model = UNet2DConditionModel.from_config(cfg)
+        params = jax.eval_shape(lambda r, m=model: init_unet_params(m, r), jax.random.key(0))
+        x = unet_inputs(cfg, batch=1)
+        if "num_time_ids" in call:  # 5 time ids where the config needs 6 beside P = 32
+            x["added"]["time_ids"] = x["added"]["time_ids"][:, :5]
+        x.update({k: v for k, v in call.items() if k != "num_time_ids"})
+        args = (x["sample"], 1, x["context"], x["added"], False, x["timestep_cond"])
+        with pytest.raises(ValueError, match=match):
+            jax.eval_shape(model.apply, {"params": params}, *args)

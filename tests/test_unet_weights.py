@@ -14,6 +14,7 @@ from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
 from bdpo_jax.models import load_unet, real_unet_config, save_unet, tiny_unet_config
+from bdpo_jax.models.presets import REAL_CONFIGS, REFINER_NUM_TIME_IDS
 from bdpo_jax.models.unet import UNet2DConditionModel, abstract_unet_params
 from bdpo_jax.models.weights import WEIGHTS_NAME, flax_path_to_torch
 
@@ -23,8 +24,23 @@ diffusers = pytest.importorskip("diffusers")
 
 from tests.unet_fixtures import save_random_unet, torch_forward, unet_inputs  # noqa: E402
 
-# Published parameter counts of the real UNets (diffusers' sum of numel).
-REAL_COUNTS = {"sd15": 859_520_964, "sd21": 865_910_724, "sdxl": 2_567_463_684}
+# Parameter counts of the real UNets (diffusers' sum of numel for configs/<name>.json).
+REAL_COUNTS = {
+    "sd15": 859_520_964,
+    "sd21": 865_910_724,
+    "sdxl": 2_567_463_684,
+    "sdxl_refiner": 2_259_526_660,
+    "lcm_sd15": 859_602_884,  # sd15 + cond_proj 256 -> 320, no bias
+    "kolors": 2_579_458_820,  # sdxl + encoder_hid_proj 4096 -> 2048, add_embedding 5632 wide
+}
+FAMILIES = ["sd15", "sd21", "sdxl", "sdxl_refiner", "lcm", "kolors"]
+# a tensor that only exists when the family's feature is built (guards the tiny presets)
+FEATURE_TENSORS = {
+    "sdxl": "add_embedding.linear_1.weight",
+    "sdxl_refiner": "add_embedding.linear_1.weight",
+    "lcm": "time_embedding.cond_proj.weight",
+    "kolors": "encoder_hid_proj.weight",
+}
 
 
 def _torch_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -35,9 +51,9 @@ def _torch_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ..
     return tuple(shape)
 
 
-@pytest.mark.parametrize("name", ["sd15", "sd21", "sdxl"])
+@pytest.mark.parametrize("name", REAL_CONFIGS)
 def test_real_configs_match_diffusers_names_shapes_and_counts(name):
-    """eval_shape of the full SD1.5/SD2.1/SDXL UNets vs diffusers on the meta device."""
+    """eval_shape of each full published UNet vs diffusers on the meta device."""
     cfg = real_unet_config(name)
     with torch.device("meta"):
         ref = diffusers.UNet2DConditionModel.from_config(cfg)
@@ -55,13 +71,13 @@ def saved(tmp_path_factory):
     """Tiny random diffusers UNets of each family saved to disk, with their torch models."""
     root = tmp_path_factory.mktemp("weights")
     out = {}
-    for family in ("sd15", "sd21", "sdxl"):
+    for family in FAMILIES:
         folder = root / family
         out[family] = (folder, save_random_unet(family, folder, seed=7))
     return out
 
 
-@pytest.mark.parametrize("family", ["sd15", "sd21", "sdxl"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_save_unet_round_trip_through_diffusers(saved, family, tmp_path):
     folder, torch_model = saved[family]
     model, params = load_unet(folder)
@@ -69,9 +85,11 @@ def test_save_unet_round_trip_through_diffusers(saved, family, tmp_path):
     back = diffusers.UNet2DConditionModel.from_pretrained(str(out_dir)).eval()
     want, got = torch_model.state_dict(), back.state_dict()
     assert want.keys() == got.keys()
+    assert family not in FEATURE_TENSORS or FEATURE_TENSORS[family] in got
     for k in want:
         assert torch.equal(want[k], got[k]), k
-    inputs = unet_inputs(tiny_unet_config(family), batch=2, seed=8)
+    n_ids = REFINER_NUM_TIME_IDS if family == "sdxl_refiner" else 6
+    inputs = unet_inputs(tiny_unet_config(family), batch=2, seed=8, num_time_ids=n_ids)
     np.testing.assert_array_equal(torch_forward(back, inputs), torch_forward(torch_model, inputs))
     _, params_again = load_unet(out_dir)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_again), strict=True):

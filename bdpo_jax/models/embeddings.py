@@ -32,14 +32,21 @@ def timestep_embedding(
 
 
 class TimestepEmbedding(nn.Module):
-    """linear_1 -> SiLU -> linear_2 (diffusers TimestepEmbedding with act_fn='silu')."""
+    """linear_1 -> SiLU -> linear_2 (diffusers TimestepEmbedding with act_fn='silu').
+
+    ``condition_BxC`` (diffusers ``cond_proj_dim``, LCM's guidance embedding) goes through the
+    bias-free ``cond_proj`` and is added to the input before linear_1.
+    """
 
     features: int
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_BxD: jax.Array) -> jax.Array:
+    def __call__(self, x_BxD: jax.Array, condition_BxC: jax.Array | None = None) -> jax.Array:
         dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        if condition_BxC is not None:
+            cond_proj = nn.Dense(x_BxD.shape[-1], use_bias=False, name="cond_proj", **dense)
+            x_BxD = x_BxD + cond_proj(condition_BxC)
         h = nn.Dense(self.features, name="linear_1", **dense)(x_BxD)
         return nn.Dense(self.features, name="linear_2", **dense)(nn.silu(h))

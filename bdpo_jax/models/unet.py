@@ -1,4 +1,5 @@
-"""Flax Linen port of diffusers' UNet2DConditionModel (SD1.5, SD2.x, SDXL configs).
+"""Flax Linen port of diffusers' UNet2DConditionModel (SD1.5, SD2.x, SDXL base and refiner,
+LCM-distilled (``time_cond_proj_dim``) and Kolors (``encoder_hid_dim``) configs).
 
 Mirrors diffusers/models/unets/unet_2d_condition.py (``__init__`` and ``forward``). The public
 call takes and returns NCHW like diffusers; inside, activations are NHWC. Parameter names follow
@@ -21,10 +22,10 @@ from flax.core import FrozenDict
 from bdpo_jax.models.attention import ATTENTION_CHOICES
 from bdpo_jax.models.embeddings import TimestepEmbedding, timestep_embedding
 from bdpo_jax.models.norms import GroupNorm
-from bdpo_jax.models.presets import NUM_TIME_IDS, complete_config
+from bdpo_jax.models.presets import complete_config
 from bdpo_jax.models.resnet import conv
 from bdpo_jax.models.unet_blocks import DownBlock, MidBlock, UpBlock
-from bdpo_jax.models.unet_config import UNetSpec, unet_spec
+from bdpo_jax.models.unet_config import UNetSpec, unet_spec, warn_unknown_fields
 
 
 def _freeze(value: Any) -> Any:
@@ -62,8 +63,13 @@ class UNet2DConditionModel(nn.Module):
     """The SD UNet. ``dtype`` is the compute dtype, ``param_dtype`` the stored one.
 
     Call: ``model.apply({"params": p}, sample_BxCxHxW, timesteps_B, context_BxLxD,
-    added_cond_kwargs=None, train=False)`` -> prediction BxCoxHxW (NCHW, compute dtype).
-    For SDXL configs, ``added_cond_kwargs = {"text_embeds": [B, P], "time_ids": [B, 6]}``.
+    added_cond_kwargs=None, train=False, timestep_cond=None)`` -> prediction BxCoxHxW (NCHW,
+    compute dtype). ``context_BxLxD`` is ``spec.context_dim`` wide (``encoder_hid_dim`` when the
+    config projects it, else ``cross_attention_dim``). For "text_time" configs,
+    ``added_cond_kwargs = {"text_embeds": [B, P], "time_ids": [B, N]}`` with
+    P + N * addition_time_embed_dim = projection_class_embeddings_input_dim (N = 6 for SDXL,
+    5 for its refiner). ``timestep_cond`` [B, time_cond_proj_dim] is the LCM guidance embedding;
+    like diffusers, a config with ``time_cond_proj_dim`` also runs without it.
     """
 
     config: FrozenDict
@@ -82,10 +88,17 @@ class UNet2DConditionModel(nn.Module):
         remat: bool = False,
         attention: str = "auto",
     ) -> UNet2DConditionModel:
-        """Builds the model from a diffusers config.json dict; unsupported values raise."""
+        """Builds the model from a diffusers config.json dict, reading it as diffusers does.
+
+        Keys that are not diffusers constructor arguments are kept in ``model.config`` (so
+        ``save_unet`` writes them back, as diffusers' ``save_pretrained`` does) but ignored,
+        with a warning naming them; a value the port does not implement raises
+        ``UnsupportedConfigError`` naming the field.
+        """
         if attention not in ATTENTION_CHOICES:
             raise ValueError(f"attention={attention!r} is not one of {ATTENTION_CHOICES}")
         full = complete_config(config)
+        warn_unknown_fields(full)
         unet_spec(full)  # validate now, with errors naming the field
         return cls(_freeze(full), param_dtype, dtype, remat, attention)
 
@@ -110,32 +123,48 @@ class UNet2DConditionModel(nn.Module):
     def _added_embedding(
         self, spec: UNetSpec, added_cond_kwargs: dict | None, emb_BxT: jax.Array
     ) -> jax.Array:
-        """SDXL "text_time": concat(text_embeds, sinusoid(time_ids)) -> add_embedding MLP."""
+        """The "text_time" embedding: concat(text_embeds, sinusoid(time_ids)) -> add_embedding."""
         if not added_cond_kwargs or not {"text_embeds", "time_ids"} <= set(added_cond_kwargs):
             raise ValueError(
                 "addition_embed_type='text_time' needs added_cond_kwargs with 'text_embeds' "
-                "[B, P] and 'time_ids' [B, 6]"
+                "[B, P] and 'time_ids' [B, N] (N = 6 for SDXL, 5 for the SDXL refiner)"
             )
         text_BxP = jnp.asarray(added_cond_kwargs["text_embeds"])
-        time_ids_Bx6 = jnp.asarray(added_cond_kwargs["time_ids"])
+        time_ids_BxN = jnp.asarray(added_cond_kwargs["time_ids"])
         b = text_BxP.shape[0]
-        if time_ids_Bx6.shape != (b, NUM_TIME_IDS):
-            raise ValueError(f"time_ids has shape {time_ids_Bx6.shape}; expected ({b}, 6)")
+        if time_ids_BxN.ndim != 2 or time_ids_BxN.shape[0] != b:
+            raise ValueError(f"time_ids has shape {time_ids_BxN.shape}; expected ({b}, N)")
+        n_ids = time_ids_BxN.shape[1]
+        width = text_BxP.shape[-1] + n_ids * spec.addition_time_embed_dim
+        want = spec.projection_class_embeddings_input_dim
+        if width != want:
+            raise ValueError(
+                f"text_embeds width {text_BxP.shape[-1]} + {n_ids} time ids * "
+                f"addition_time_embed_dim {spec.addition_time_embed_dim} = {width} != "
+                f"projection_class_embeddings_input_dim {want}"
+            )
         time_emb = timestep_embedding(
-            time_ids_Bx6.reshape(-1),
+            time_ids_BxN.reshape(-1),
             spec.addition_time_embed_dim,
             flip_sin_to_cos=spec.flip_sin_to_cos,
             freq_shift=spec.freq_shift,
         ).reshape(b, -1)
         add_BxA = jnp.concatenate([text_BxP.astype(jnp.float32), time_emb], axis=-1)
-        if add_BxA.shape[-1] != spec.projection_class_embeddings_input_dim:
-            raise ValueError(
-                f"text_embeds width {text_BxP.shape[-1]} + 6 * addition_time_embed_dim "
-                f"= {add_BxA.shape[-1]} != projection_class_embeddings_input_dim "
-                f"{spec.projection_class_embeddings_input_dim}"
-            )
         mlp = TimestepEmbedding(spec.time_embed_dim, name="add_embedding", **self._kw())
         return mlp(add_BxA.astype(emb_BxT.dtype))
+
+    def _timestep_cond(self, spec: UNetSpec, timestep_cond: Any, b: int) -> jax.Array | None:
+        if timestep_cond is None:
+            return None
+        if spec.time_cond_proj_dim is None:
+            raise ValueError("timestep_cond was given but the config has time_cond_proj_dim=None")
+        cond_BxC = jnp.asarray(timestep_cond)
+        if cond_BxC.shape != (b, spec.time_cond_proj_dim):
+            raise ValueError(
+                f"timestep_cond has shape {cond_BxC.shape}; expected ({b}, "
+                f"{spec.time_cond_proj_dim}) (time_cond_proj_dim)"
+            )
+        return cond_BxC.astype(self.dtype)
 
     @nn.compact
     def __call__(
@@ -145,6 +174,7 @@ class UNet2DConditionModel(nn.Module):
         encoder_hidden_states_BxLxD: jax.Array,
         added_cond_kwargs: dict[str, jax.Array] | None = None,
         train: bool = False,
+        timestep_cond: jax.Array | None = None,
     ) -> jax.Array:
         del train  # dropout is 0 in every supported config
         spec = self.spec
@@ -156,6 +186,11 @@ class UNet2DConditionModel(nn.Module):
         if spec.center_input_sample:
             x = 2 * x - 1.0
         context = jnp.asarray(encoder_hidden_states_BxLxD).astype(self.dtype)
+        if context.ndim != 3 or context.shape[-1] != spec.context_dim:
+            raise ValueError(
+                f"encoder_hidden_states has shape {context.shape}; expected (B, L, "
+                f"{spec.context_dim})"
+            )
 
         # time
         t_B = _broadcast_timesteps(timesteps_B, b)
@@ -165,9 +200,13 @@ class UNet2DConditionModel(nn.Module):
             flip_sin_to_cos=spec.flip_sin_to_cos,
             freq_shift=spec.freq_shift,
         ).astype(self.dtype)
-        emb = TimestepEmbedding(spec.time_embed_dim, name="time_embedding", **kw)(t_emb)
+        cond = self._timestep_cond(spec, timestep_cond, b)
+        emb = TimestepEmbedding(spec.time_embed_dim, name="time_embedding", **kw)(t_emb, cond)
         if spec.addition_embed_type == "text_time":
             emb = emb + self._added_embedding(spec, added_cond_kwargs, emb)
+        if spec.encoder_hid_dim is not None:  # "text_proj" (Kolors)
+            proj = nn.Dense(spec.cross_attention_dim[0], name="encoder_hid_proj", **kw)
+            context = proj(context)
 
         # down
         x = conv(spec.block_out_channels[0], spec.conv_in_kernel, "conv_in", **kw)(x)
@@ -227,20 +266,22 @@ class UNet2DConditionModel(nn.Module):
 
 
 def _dummy_inputs(spec: UNetSpec, batch_size: int) -> tuple:
-    """The smallest inputs that trace the whole network (parameter shapes do not depend on H, W)."""
+    """The smallest inputs that trace the whole network (parameter shapes do not depend on H, W,
+    nor on how "text_time" splits its projection between text_embeds and time_ids)."""
     side = 2 ** (len(spec.block_out_channels) - 1)
     sample = jnp.zeros((batch_size, spec.in_channels, side, side), jnp.float32)
-    context = jnp.zeros((batch_size, 1, spec.cross_attention_dim[0]), jnp.float32)
+    context = jnp.zeros((batch_size, 1, spec.context_dim), jnp.float32)
     added = None
     if spec.addition_embed_type == "text_time":
-        pooled = spec.projection_class_embeddings_input_dim - NUM_TIME_IDS * (
-            spec.addition_time_embed_dim
-        )
+        pooled = spec.projection_class_embeddings_input_dim - spec.addition_time_embed_dim
         added = {
             "text_embeds": jnp.zeros((batch_size, pooled), jnp.float32),
-            "time_ids": jnp.zeros((batch_size, NUM_TIME_IDS), jnp.float32),
+            "time_ids": jnp.zeros((batch_size, 1), jnp.float32),
         }
-    return sample, jnp.zeros((batch_size,), jnp.int32), context, added
+    cond = None
+    if spec.time_cond_proj_dim is not None:
+        cond = jnp.zeros((batch_size, spec.time_cond_proj_dim), jnp.float32)
+    return sample, jnp.zeros((batch_size,), jnp.int32), context, added, False, cond
 
 
 def abstract_unet_params(model: UNet2DConditionModel, batch_size: int = 1) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from bdpo_jax.models.unet import UNet2DConditionModel, abstract_unet_params, config_to_dict
+from bdpo_jax.models.unet_config import UnsupportedConfigError
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 FP16_WEIGHTS_NAME = "diffusion_pytorch_model.fp16.safetensors"
@@ -202,7 +203,9 @@ def read_config(folder: Path) -> dict[str, Any]:
         raise ValueError(f"{file}: invalid JSON: {e}") from e
     cls = config.get("_class_name", "UNet2DConditionModel")
     if cls != "UNet2DConditionModel":
-        raise ValueError(f"{file}: _class_name={cls!r}, expected 'UNet2DConditionModel'")
+        raise UnsupportedConfigError(
+            f"{file}: _class_name={cls!r}, expected 'UNet2DConditionModel'"
+        )
     return config
 
 
@@ -228,8 +231,8 @@ def load_unet(
         model = UNet2DConditionModel.from_config(
             config, param_dtype=dtype, dtype=compute_dtype, **from_config_kwargs
         )
-    except ValueError as e:
-        raise ValueError(f"{folder / CONFIG_NAME}: {e}") from e
+    except UnsupportedConfigError as e:
+        raise UnsupportedConfigError(f"{folder / CONFIG_NAME}: {e}") from e
     abstract = abstract_unet_params(model)
     params = torch_state_to_params(read_state_dict(folder), abstract, dtype, str(folder))
     return model, params
