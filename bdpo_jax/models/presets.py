@@ -164,8 +164,9 @@ def real_unet_config(name: str) -> dict[str, Any]:
 
     ``name``: "sd15" (stable-diffusion-v1-5/stable-diffusion-v1-5), "sd21"
     (stabilityai/stable-diffusion-2-1), "sdxl" (stabilityai/stable-diffusion-xl-base-1.0),
-    "sdxl_refiner" (stabilityai/stable-diffusion-xl-refiner-1.0), "lcm_sd15" (SimianLuo/LCM_Dreamshaper_v7:
-    the SD1.5 layout with ``time_cond_proj_dim`` 256) or "kolors" (Kwai-Kolors/Kolors-diffusers).
+    "sdxl_refiner" (stabilityai/stable-diffusion-xl-refiner-1.0), "lcm_sd15"
+    (SimianLuo/LCM_Dreamshaper_v7: the SD1.5 layout with ``time_cond_proj_dim`` 256) or
+    "kolors" (Kwai-Kolors/Kolors-diffusers).
     """
     if name not in REAL_CONFIGS:
         raise ValueError(f"name={name!r} is not one of {REAL_CONFIGS}")
