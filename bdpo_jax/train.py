@@ -372,6 +372,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     flags.mark_flags_as_required(["config", "workdir"])
 
     def run(_: Any) -> None:
+        # jax logs (at INFO, which absl turns on) each accelerator platform it probes and does
+        # not find; on a CPU or GPU machine that is noise before a user error's one line
+        logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
         sharding.maybe_initialize_distributed()
         train_and_evaluate(_config_value(config_flag), workdir_flag.value)
 
