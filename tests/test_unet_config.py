@@ -20,9 +20,12 @@ from bdpo_jax.models.unet_config import (
     unknown_fields,
 )
 from bdpo_jax.schema import UserError
-from tests.unet_fixtures import random_diffusers_unet
 
+pytestmark = pytest.mark.torch
+torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
+
+from tests.unet_fixtures import random_diffusers_unet  # noqa: E402  (imports torch)
 
 # Keys the published SDXL inpainting 0.1 UNet config carries from its EMA training run.
 TRAINING_LEFTOVERS = {
