@@ -218,6 +218,7 @@ def run(name: str, steps: int, warmup: int) -> dict:
         "jax": {**stats["jax"], **jax_info},
         "torch": {**stats["torch"], **torch_info},
         "time_ratio_jax_over_torch": stats["jax"]["median_s"] / stats["torch"]["median_s"],
+        "cpu_ratio_jax_over_torch": stats["jax"]["cpu_median_s"] / stats["torch"]["cpu_median_s"],
     }
 
 
@@ -248,6 +249,7 @@ def main() -> None:
     }
     common.write_json(args.out, {"meta": meta, "results": results})
     header = ["config", "params", "pairs", "JAX step ms", "PyTorch step ms", "JAX/PyTorch"]
+    header.append("CPU-time ratio")
     header.append("XLA step buffers (MB)")
     rows = []
     for r in results:
@@ -260,11 +262,16 @@ def main() -> None:
                 common.fmt_ms(r["jax"]),
                 common.fmt_ms(r["torch"]),
                 f"{r['time_ratio_jax_over_torch']:.2f}",
+                f"{r['cpu_ratio_jax_over_torch']:.2f}",
                 f"{xla / 2**20:.1f}" if xla else "n/a",
             ]
         )
     common.print_table(header, rows)
-    print("median ±IQR/2 over alternating steps; lower JAX/PyTorch is better for JAX")
+    print(
+        "median ±IQR/2 over alternating steps; lower JAX/PyTorch is better for JAX; CPU-time "
+        "ratio: the same for process CPU time (a proxy for work on a shared machine: run with "
+        "--torch-threads 1 then)"
+    )
     print(
         f"{meta['cpu_model']}, {meta['cores']} cores, torch threads {meta['torch_threads']}, "
         f"XLA_FLAGS={meta['xla_flags']!r}, peak RSS {meta['peak_rss_mb_process']:.0f} MB"

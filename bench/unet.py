@@ -149,6 +149,9 @@ def run(name: str, attention: str, batch: int, repeats: int, warmup: int) -> dic
         best = min(("torch", "torch_channels_last"), key=lambda k: stats[k]["median_s"])
         res[f"{key}_torch_best"] = best
         res[f"{key}_ratio_jax_over_torch"] = stats["jax"]["median_s"] / stats[best]["median_s"]
+        res[f"{key}_cpu_ratio_jax_over_torch"] = (
+            stats["jax"]["cpu_median_s"] / stats[best]["cpu_median_s"]
+        )
     return res
 
 
@@ -180,7 +183,7 @@ def main() -> None:
     }
     common.write_json(a.out, {"meta": meta, "results": results})
     header = ["config", "attention", "params", "B", "fwd JAX ms", "fwd torch ms", "ratio"]
-    header += ["fwd+bwd JAX ms", "fwd+bwd torch ms", "ratio"]
+    header += ["cpu ratio", "fwd+bwd JAX ms", "fwd+bwd torch ms", "ratio", "cpu ratio"]
     rows = []
     for r in results:
         row = [r["config"], f"{r['attention']}->{r['attention_resolved']}", f"{r['params']:,}"]
@@ -190,11 +193,13 @@ def main() -> None:
             tag = " (cl)" if best == "torch_channels_last" else ""
             row += [common.fmt_ms(r[key]["jax"]), common.fmt_ms(r[key][best]) + tag]
             row.append(f"{r[f'{key}_ratio_jax_over_torch']:.2f}")
+            row.append(f"{r[f'{key}_cpu_ratio_jax_over_torch']:.2f}")
         rows.append(row)
     common.print_table(header, rows)
     print(
         "median ±IQR/2 over alternating runs; ratio = JAX / the faster PyTorch memory format "
-        "((cl) = channels_last); lower is better for JAX"
+        "((cl) = channels_last); lower is better for JAX; cpu ratio = the same for process CPU "
+        "time (a proxy for work when the machine is shared: run with --torch-threads 1 then)"
     )
     print(
         f"{meta['cpu_model']}, {meta['cores']} cores, torch threads {meta['torch_threads']}, "
