@@ -1,24 +1,27 @@
 """DPO train step: the JAX trainer's jitted step vs a PyTorch reference step, same weights/batch.
 
-    python bench/train_step.py [--configs tiny small] [--steps 10]
+    python bench/train_step.py [--configs tiny small demo] [--steps 15] [--warmup 3]
 
 PyTorch reference = the Diffusion-DPO authors' recipe (SalesforceAIResearch/DiffusionDPO
 train.py): diffusers UNet2DConditionModel with the same weights (written by save_unet, read by
 from_pretrained), policy on the 2B batch, reference under no_grad, mse over C,H,W, -logsigmoid
-loss, clip_grad_norm_(1.0), torch.optim.AdamW. Each framework runs in its own subprocess so the
-peak resident memory (ru_maxrss) is its own; JAX also reports XLA's compiled memory analysis.
-Warm-up steps (compile) are excluded; the median step time is reported. fp32 on CPU.
+loss, clip_grad_norm_(1.0), torch.optim.AdamW, set up for speed on CPU (bench/common.py:
+denormals flushed, one thread per core). JAX = the trainer's step with the package defaults
+(fp32 here). Both steps run in one process, ALTERNATELY, after --warmup untimed steps each
+(JAX's compile is timed separately); median and IQR of --steps timed steps. Memory: XLA's
+compiled memory analysis for the JAX step and the process's peak RSS (both frameworks).
 Writes bench/results/train_step.json and prints a table.
+
+Configs: "tiny" (tiny SD1.5 UNet, 8 pairs, 4x8x8 latents), "small" (the 17.8M-parameter UNet of
+bench/unet.py, 4 pairs, 4x16x16), "demo" (the demo's UNet and DPO batch: 8 pairs of RGB 32x32
+images, 16 MiniLM tokens of width 384; same loss as the others, epsilon prediction).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,21 +29,21 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-CONFIGS = {  # name -> (unet overrides, latent side, text shape, pairs per step)
-    "tiny": ({}, 8, (8, 32), 8),
-    "small": (
-        {
-            "block_out_channels": [64, 128, 256],
-            "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-            "norm_num_groups": 32,
-            "attention_head_dim": 4,
-            "layers_per_block": 2,
-        },
-        16,
-        (16, 64),
-        4,
-    ),
+from bench import common  # noqa: E402
+
+SMALL = {
+    "block_out_channels": [64, 128, 256],
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "norm_num_groups": 32,
+    "attention_head_dim": 4,
+    "layers_per_block": 2,
+}
+# name -> (unet overrides or "demo", latent channels, latent side, text shape, pairs per step)
+CONFIGS = {
+    "tiny": ({}, 4, 8, (8, 32), 8),
+    "small": (SMALL, 4, 16, (16, 64), 4),
+    "demo": ("demo", 3, 32, (16, 384), 8),
 }
 BETA = 500.0
 
@@ -48,7 +51,12 @@ BETA = 500.0
 def _unet_config(name: str) -> dict:
     from bdpo_jax.models import presets
 
-    overrides, side, text_shape, _ = CONFIGS[name]
+    overrides, channels, side, text_shape, _ = CONFIGS[name]
+    if overrides == "demo":
+        from bdpo_jax.demo.model import demo_unet_config
+        from configs import demo
+
+        return demo_unet_config(demo.get_config().demo.channels, cross_attention_dim=text_shape[1])
     cfg = presets.tiny_unet_config("sd15", sample_size=side, cross_attention_dim=text_shape[1])
     cfg.update(overrides)
     return cfg
@@ -57,11 +65,11 @@ def _unet_config(name: str) -> dict:
 def _batch(name: str):
     import numpy as np
 
-    _, side, (length, width), pairs = CONFIGS[name]
+    _, channels, side, (length, width), pairs = CONFIGS[name]
     rng = np.random.default_rng(0)
 
     def moments():
-        mean = rng.standard_normal((pairs, 1, 4, side, side)) / 0.18215
+        mean = rng.standard_normal((pairs, 1, channels, side, side)) / 0.18215
         return np.concatenate([mean, np.full_like(mean, -6.0)], axis=1).astype(np.float16)
 
     return {
@@ -83,12 +91,12 @@ def _config(name: str):
     config.mesh.shape = (1, 1)
     config.dpo.proportion_empty_prompts = 0.0
     config.optim.warmup_steps = 0
-    _, _, _, pairs = CONFIGS[name]
-    config.train.global_batch_size = pairs
+    config.train.global_batch_size = CONFIGS[name][4]
     return config
 
 
-def run_jax(name: str, steps: int, weights_dir: str) -> dict:
+def make_jax(name: str, weights_dir: str) -> tuple:
+    """(step callable, info): the trainer's compiled step; writes the weights torch loads."""
     import jax
     import numpy as np
 
@@ -96,12 +104,11 @@ def run_jax(name: str, steps: int, weights_dir: str) -> dict:
     from bdpo_jax.models import UNet2DConditionModel, save_unet
 
     config = _config(name)
-    unet_cfg = _unet_config(name)
-    model = UNet2DConditionModel.from_config(unet_cfg)
-    _, side, text_shape, _ = CONFIGS[name]
+    model = UNet2DConditionModel.from_config(_unet_config(name))
+    _, channels, side, text_shape, _ = CONFIGS[name]
     info = data.DatasetInfo(
         scorer_names=tuple(f"s{k}" for k in range(4)),
-        latent_shape=(4, side, side),
+        latent_shape=(channels, side, side),
         text_shape=text_shape,
         pooled_dim=None,
         views=1,
@@ -125,14 +132,6 @@ def run_jax(name: str, steps: int, weights_dir: str) -> dict:
     compiled = step.lower(state, batch, consts).compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
-    times, losses = [], []
-    for i in range(steps + 2):
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, batch, consts)
-        loss = float(metrics["loss"])  # blocks
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-        losses.append(loss)
     xla_bytes = None
     if mem is not None:
         xla_bytes = int(
@@ -141,16 +140,23 @@ def run_jax(name: str, steps: int, weights_dir: str) -> dict:
             + mem.output_size_in_bytes
             - mem.alias_size_in_bytes
         )
-    return {
-        "step_s": statistics.median(times),
+    holder = {"state": state, "losses": []}
+
+    def step():
+        holder["state"], metrics = compiled(holder["state"], batch, consts)
+        holder["losses"].append(float(metrics["loss"]))  # blocks
+
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    return step, {
         "compile_s": compile_s,
-        "losses": losses,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "xla_step_bytes": xla_bytes,
+        "losses": holder["losses"],
+        "params": n_params,
     }
 
 
-def run_torch(name: str, steps: int, weights_dir: str) -> dict:
+def make_torch(name: str, weights_dir: str) -> tuple:
+    """(step callable, info): the Diffusion-DPO authors' step on the same weights and batch."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -167,6 +173,7 @@ def run_torch(name: str, steps: int, weights_dir: str) -> dict:
     )
     b = {k: torch.from_numpy(np.asarray(v)) for k, v in _batch(name).items()}
     label = b["label"].float()
+    losses = []
 
     def latents(m):
         m = m.float()
@@ -181,8 +188,8 @@ def run_torch(name: str, steps: int, weights_dir: str) -> dict:
         noisy = sched.add_noise(x0, noise, t)
         text = b["text_embeds"].float().repeat(2, 1, 1)
         pred = unet(noisy, t, text).sample
-        losses = (pred.float() - noise.float()).pow(2).mean(dim=[1, 2, 3])
-        m1, m2 = losses.chunk(2)
+        model_losses = (pred.float() - noise.float()).pow(2).mean(dim=[1, 2, 3])
+        m1, m2 = model_losses.chunk(2)
         with torch.no_grad():
             ref_losses = (ref(noisy, t, text).sample - noise).pow(2).mean(dim=[1, 2, 3])
             r1, r2 = ref_losses.chunk(2)
@@ -192,85 +199,86 @@ def run_torch(name: str, steps: int, weights_dir: str) -> dict:
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        losses.append(float(loss.detach()))
 
-    times, losses = [], []
-    for i in range(steps + 2):
-        t0 = time.perf_counter()
-        losses.append(step())
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
+    return step, {"losses": losses}
+
+
+def run(name: str, steps: int, warmup: int) -> dict:
+    with tempfile.TemporaryDirectory() as weights:
+        jax_step, jax_info = make_jax(name, weights)  # writes the weights
+        torch_step, torch_info = make_torch(name, weights)
+    stats = common.time_alternating({"jax": jax_step, "torch": torch_step}, steps, warmup)
+    _, channels, side, text_shape, pairs = CONFIGS[name]
+    print(f"[{name}] done, JAX compile {jax_info['compile_s']:.1f}s", flush=True)
     return {
-        "step_s": statistics.median(times),
-        "losses": losses,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "torch_threads": torch.get_num_threads(),
+        "config": name,
+        "pairs": pairs,
+        "params": jax_info["params"],
+        "latent": [channels, side, side],
+        "text": list(text_shape),
+        "jax": {**stats["jax"], **jax_info},
+        "torch": {**stats["torch"], **torch_info},
+        "time_ratio_jax_over_torch": stats["jax"]["median_s"] / stats["torch"]["median_s"],
+        "cpu_ratio_jax_over_torch": stats["jax"]["cpu_median_s"] / stats["torch"]["cpu_median_s"],
     }
-
-
-def _child(framework: str, name: str, steps: int, weights_dir: str) -> dict:
-    cmd = [
-        sys.executable,
-        __file__,
-        "--child",
-        framework,
-        "--configs",
-        name,
-        "--steps",
-        str(steps),
-        "--weights",
-        weights_dir,
-    ]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    if out.returncode:
-        raise RuntimeError(f"{framework} {name} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS))
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--child", default="")
-    parser.add_argument("--weights", default="")
+    parser.add_argument("--steps", type=int, default=15, help="timed steps per framework")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per framework")
+    parser.add_argument("--torch-threads", type=int, default=0, help="0 = one per core")
+    parser.add_argument("--out", default=os.path.join(REPO, "bench", "results", "train_step.json"))
     args = parser.parse_args()
-    if args.child:
-        fn = run_jax if args.child == "jax" else run_torch
-        print(json.dumps(fn(args.configs[0], args.steps, args.weights)))
-        return
-    results = {"load_average": os.getloadavg(), "cpu_count": os.cpu_count(), "configs": {}}
     for name in args.configs:
-        with tempfile.TemporaryDirectory() as weights:
-            jax_r = _child("jax", name, args.steps, weights)  # writes the weights
-            torch_r = _child("torch", name, args.steps, weights)
-        _, side, text_shape, pairs = CONFIGS[name]
-        results["configs"][name] = {
-            "pairs": pairs,
-            "latent": [4, side, side],
-            "text": list(text_shape),
-            "jax": jax_r,
-            "torch": torch_r,
-            "time_ratio_jax_over_torch": jax_r["step_s"] / torch_r["step_s"],
-        }
-    os.makedirs(os.path.join(REPO, "bench", "results"), exist_ok=True)
-    path = os.path.join(REPO, "bench", "results", "train_step.json")
-    with open(path, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"load average {results['load_average']}")
-    print(
-        "| config | pairs | JAX step (s) | PyTorch step (s) | JAX/PyTorch | JAX peak RSS (MB) | "
-        "PyTorch peak RSS (MB) | XLA step buffers (MB) |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    for name, r in results["configs"].items():
+        if name not in CONFIGS:
+            parser.error(f"--configs: unknown config {name!r} ({', '.join(CONFIGS)})")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    torch_setup = common.setup_torch(args.torch_threads)
+    load_before = os.getloadavg()
+    results = [run(name, args.steps, args.warmup) for name in args.configs]
+    load_after = os.getloadavg()
+    meta = {
+        **common.environment(),
+        **torch_setup,
+        "load_avg_before": load_before,
+        "load_avg_after": load_after,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "peak_rss_mb_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    common.write_json(args.out, {"meta": meta, "results": results})
+    header = ["config", "params", "pairs", "JAX step ms", "PyTorch step ms", "JAX/PyTorch"]
+    header.append("CPU-time ratio")
+    header.append("XLA step buffers (MB)")
+    rows = []
+    for r in results:
         xla = r["jax"]["xla_step_bytes"]
-        print(
-            f"| {name} | {r['pairs']} | {r['jax']['step_s']:.4f} | {r['torch']['step_s']:.4f} | "
-            f"{r['time_ratio_jax_over_torch']:.2f} | {r['jax']['peak_rss_mb']:.0f} | "
-            f"{r['torch']['peak_rss_mb']:.0f} | {xla / 2**20 if xla else float('nan'):.1f} |"
+        rows.append(
+            [
+                r["config"],
+                f"{r['params']:,}",
+                str(r["pairs"]),
+                common.fmt_ms(r["jax"]),
+                common.fmt_ms(r["torch"]),
+                f"{r['time_ratio_jax_over_torch']:.2f}",
+                f"{r['cpu_ratio_jax_over_torch']:.2f}",
+                f"{xla / 2**20:.1f}" if xla else "n/a",
+            ]
         )
-    print(f"wrote {path}")
+    common.print_table(header, rows)
+    print(
+        "median ±IQR/2 over alternating steps; lower JAX/PyTorch is better for JAX; CPU-time "
+        "ratio: the same for process CPU time (a proxy for work on a shared machine: run with "
+        "--torch-threads 1 then)"
+    )
+    print(
+        f"{meta['cpu_model']}, {meta['cores']} cores, torch threads {meta['torch_threads']}, "
+        f"XLA_FLAGS={meta['xla_flags']!r}, peak RSS {meta['peak_rss_mb_process']:.0f} MB"
+    )
+    print(common.load_note(load_before, load_after, meta["cores"]) + f"; written to {args.out}")
 
 
 if __name__ == "__main__":
