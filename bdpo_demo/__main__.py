@@ -11,16 +11,8 @@ import os
 import sys
 import tempfile
 
-# XLA:CPU's YNNPACK fusions are slower than XLA's own loops for the demo's small UNet (a
-# forward+backward of 32 images at 32x32 on 2 cores: 1.44 s with them, 1.01 s without); the
-# flag only concerns the CPU backend and must be set before jax is imported
-if "xla_cpu_experimental_ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_cpu_experimental_ynn_fusion_type="
-    ).strip()
-
-from bdpo_demo import pipeline  # noqa: E402
-from bdpo_jax import schema  # noqa: E402
+from bdpo_demo import pipeline
+from bdpo_jax import schema
 
 PROG = "python -m bdpo_demo"
 

@@ -53,7 +53,7 @@ def _unet_config(name: str) -> dict:
 
     overrides, channels, side, text_shape, _ = CONFIGS[name]
     if overrides == "demo":
-        from bdpo_jax.demo.model import demo_unet_config
+        from bdpo_demo.model import demo_unet_config
         from configs import demo
 
         return demo_unet_config(demo.get_config().demo.channels, cross_attention_dim=text_shape[1])

@@ -14,7 +14,7 @@ timed alternately in one process (bench/common.py); median and IQR of --repeats 
 Configs: "tiny" = presets.tiny_unet_config("sd15"), 8x8 latents, batch 4; "small" = SD1.5
 block structure with block_out_channels (64, 128, 256), 2 layers per block, 32x32 latents, 77
 text tokens of width 128, batch 4 (17.8M parameters); "demo" = the demo's UNet (configs/demo.py,
-bdpo_jax/demo/model.py: RGB 32x32, channels (16, 32, 32), 16 MiniLM tokens of width 384), batch
+bdpo_demo/model.py: RGB 32x32, channels (16, 32, 32), 16 MiniLM tokens of width 384), batch
 16 (the demo's SFT batch). Writes bench/results/unet.json and prints a table.
 """
 
@@ -58,7 +58,7 @@ def bench_config(name: str) -> tuple[dict, int, int]:
         )
         return cfg, 77, 4
     if name == "demo":
-        from bdpo_jax.demo.model import demo_unet_config
+        from bdpo_demo.model import demo_unet_config
         from configs import demo
 
         d = demo.get_config().demo
