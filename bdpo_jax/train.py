@@ -237,9 +237,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     manager = checkpointing.make_manager(
         workdir, int(config.train.keep_checkpoints), bool(config.train.async_checkpoints)
     )
-    restored = checkpointing.restore_latest(
-        manager, inits.abstract, inits.shardings, global_batch
-    )
+    restored = checkpointing.restore_latest(manager, inits.abstract, inits.shardings, global_batch)
     if restored is None:
         state, position = _initial_state(config, host_params, inits), 0
     else:
