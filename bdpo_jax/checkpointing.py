@@ -1,9 +1,10 @@
-"""Orbax checkpoints of a run: the state, the Grain iterator and the config, together.
+"""Orbax checkpoints of a run: the state, the data position and the config, together.
 
 Layout (this module owns it; bdpo_jax.export and the demo read checkpoints through it):
 
     WORKDIR/checkpoints/<step>/state      {"step", "params", "ref_params", "opt_state", "rng"}
-    WORKDIR/checkpoints/<step>/data_iter  Grain iterator state (one JSON per process)
+    WORKDIR/checkpoints/<step>/data_iter  the data position {"position": next global record
+                                          position}: one JSON that any process count reads
     WORKDIR/checkpoints/<step>/config     the run's config as JSON
     WORKDIR/config.json                   the run's config (written by bdpo_jax.train)
     WORKDIR/unet_config.json              the diffusers UNet config
@@ -14,6 +15,7 @@ the last config.train.keep_checkpoints. A run restores the latest step of its wo
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -28,7 +30,8 @@ CHECKPOINT_DIR = "checkpoints"  # WORKDIR/checkpoints/<step>/...
 CONFIG_FILE = "config.json"  # WORKDIR/config.json: the run's config
 UNET_CONFIG_FILE = "unet_config.json"  # WORKDIR/unet_config.json: the diffusers UNet config
 STATE_ITEM = "state"  # WORKDIR/checkpoints/<step>/state: the TrainState
-ITEMS = (STATE_ITEM, "data_iter", "config")
+DATA_ITEM = "data_iter"  # WORKDIR/checkpoints/<step>/data_iter: {"position": int}
+ITEMS = (STATE_ITEM, DATA_ITEM, "config")
 INIT_CHECKPOINT = "config.model.init_checkpoint"  # the default `source` named in errors
 
 
@@ -38,15 +41,13 @@ class CheckpointError(schema.UserError, FileNotFoundError):
 
 def make_manager(workdir: str, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
     """The run's CheckpointManager at WORKDIR/checkpoints (saves when told, keeps `keep`)."""
-    import grain.checkpoint as grain_checkpoint
-
     directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max(int(keep), 1), create=True, enable_async_checkpointing=async_save
     )
     handlers = {
-        "state": ocp.StandardCheckpointHandler(),
-        "data_iter": grain_checkpoint.CheckpointHandler(),
+        STATE_ITEM: ocp.StandardCheckpointHandler(),
+        DATA_ITEM: ocp.JsonCheckpointHandler(),
         "config": ocp.JsonCheckpointHandler(),
     }
     return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
@@ -56,18 +57,19 @@ def save(
     manager: ocp.CheckpointManager,
     step: int,
     state: TrainState,
-    data_iter: Any,
+    data_position: int,
     config_dict: dict[str, Any],
 ) -> None:
-    """Start saving `state`, the iterator position and the config at `step`."""
-    import grain.checkpoint as grain_checkpoint
-
+    """Start saving `state`, the data position (the next global record position, see
+    `bdpo_jax.data.pipeline`) and the config at `step`."""
     manager.save(
         int(step),
         args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state.to_dict()),
-            data_iter=grain_checkpoint.CheckpointSave(data_iter),
-            config=ocp.args.JsonSave(config_dict),
+            **{
+                STATE_ITEM: ocp.args.StandardSave(state.to_dict()),
+                DATA_ITEM: ocp.args.JsonSave({"position": int(data_position)}),
+                "config": ocp.args.JsonSave(config_dict),
+            }
         ),
         force=True,
     )
@@ -85,24 +87,34 @@ def restore_latest(
     manager: ocp.CheckpointManager,
     abstract_state: TrainState,
     shardings: TrainState,
-    data_iter: Any,
-) -> TrainState | None:
-    """The latest saved state (sharded as `shardings`), the iterator restored in place; None
-    when the workdir has no checkpoint."""
-    import grain.checkpoint as grain_checkpoint
-
+    global_batch_size: int,
+) -> tuple[TrainState, int] | None:
+    """(the latest saved state, sharded as `shardings`; its data position), or None when the
+    workdir has no checkpoint. A checkpoint without a readable position (one written before
+    positions were saved) resumes at `step * global_batch_size`."""
     step = manager.latest_step()
     if step is None:
         return None
     target = _abstract(shardings, abstract_state).to_dict()
     restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target),
-            data_iter=grain_checkpoint.CheckpointRestore(data_iter),
-        ),
+        step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(target)})
     )
-    return TrainState.from_dict(restored["state"])
+    state = TrainState.from_dict(restored[STATE_ITEM])
+    position = int(state.step) * int(global_batch_size)
+    try:
+        data_item = manager.restore(
+            step, args=ocp.args.Composite(**{DATA_ITEM: ocp.args.JsonRestore()})
+        )[DATA_ITEM]
+        position = int(data_item["position"])
+    except Exception as error:  # noqa: BLE001 (any unreadable item: fall back, say so)
+        logging.warning(
+            "checkpoint %d: no readable data position (%s); resuming the data at step x "
+            "global batch = %d",
+            step,
+            str(error).splitlines()[0] if str(error) else type(error).__name__,
+            position,
+        )
+    return state, position
 
 
 def checkpoint_steps(directory: str | os.PathLike) -> list[int]:

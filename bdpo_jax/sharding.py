@@ -12,9 +12,11 @@ comma-separated axis names ("None,None,None,fsdp"). Rules match `re.search` on t
 inside theirs ("1/0/mu/down_blocks_0/..."), so the same rules shard Adam's moments like the
 parameters. The batch is sharded over ("data", "fsdp") on axis 0.
 
-Multi-host: `maybe_initialize_distributed()` calls `jax.distributed.initialize()` (which reads
-SLURM / Open MPI / TPU-pod / coordinator environment variables) when several processes are
-launched; each host then feeds its own slice of the global batch (see to_global_batch).
+Several processes (hosts): `maybe_initialize_distributed()` calls `jax.distributed.initialize`
+for the launch it finds in the environment (`distributed_launch`); each process then loads
+only the rows of the global batch its devices hold (`process_batch_rows`) and
+`to_global_batch` places them there, so a step's global batch does not depend on the number
+of processes.
 """
 
 from __future__ import annotations
@@ -29,31 +31,84 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from bdpo_jax.schema import ConfigError
+
 BATCH_AXES = ("data", "fsdp")
-_DISTRIBUTED_ENV = (  # any of these set means a multi-process launch
-    "JAX_COORDINATOR_ADDRESS",
-    "COORDINATOR_ADDRESS",
-    "MEGASCALE_COORDINATOR_ADDRESS",
-)
+DISTRIBUTED_FLAG = "BDPO_DISTRIBUTED"  # "0": never initialise, "1": always (auto-detect)
+_ADDRESS, _COUNT, _ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
+_LAUNCH_VARS = f"{_ADDRESS}, {_COUNT} and {_ID}"
 
 
-def maybe_initialize_distributed() -> bool:
-    """Call `jax.distributed.initialize()` when launched as several processes; True if so.
+def _env_int(environ: Mapping[str, str], name: str) -> int:
+    try:
+        return int(environ[name])
+    except ValueError:
+        raise ConfigError(f"{name}={environ[name]!r} must be an integer") from None
 
-    Detected: JAX_COORDINATOR_ADDRESS (set with JAX_NUM_PROCESSES / JAX_PROCESS_ID), SLURM with
-    more than one task, Open MPI with more than one rank, a multi-host TPU slice
-    (TPU_WORKER_HOSTNAMES with several hosts). BDPO_DISTRIBUTED=0 disables, =1 forces.
+
+def distributed_launch(environ: Mapping[str, str]) -> dict[str, Any] | None:
+    """How this process was launched, from environment variables `environ`.
+
+    Returns None for a single process, else the keyword arguments for
+    `jax.distributed.initialize`: {coordinator_address, num_processes, process_id} from
+    JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (all three, or none), or {}
+    for jax's own cluster detection: SLURM (srun with several tasks), Open MPI 4 (mpirun with
+    several ranks), a multi-host TPU slice (TPU_WORKER_HOSTNAMES lists several hosts).
+    BDPO_DISTRIBUTED=0 gives None, =1 forces a launch. A half-configured launch raises
+    ConfigError, one line naming the variables.
     """
-    forced = os.environ.get("BDPO_DISTRIBUTED")
+    forced = environ.get(DISTRIBUTED_FLAG, "")
+    if forced not in ("", "0", "1"):
+        raise ConfigError(f"{DISTRIBUTED_FLAG}={forced!r} must be 0 or 1")
     if forced == "0":
+        return None
+    given = [name for name in (_ADDRESS, _COUNT, _ID) if environ.get(name, "") != ""]
+    if given:
+        missing = [name for name in (_ADDRESS, _COUNT, _ID) if name not in given]
+        if missing:
+            raise ConfigError(
+                f"{', '.join(given)} set without {', '.join(missing)}: a multi-process launch "
+                f"sets {_LAUNCH_VARS} in every process (or none of them)"
+            )
+        count, index = _env_int(environ, _COUNT), _env_int(environ, _ID)
+        if count < 1:
+            raise ConfigError(f"{_COUNT}={count} must be >= 1")
+        if not 0 <= index < count:
+            raise ConfigError(f"{_ID}={index} must be in [0, {_COUNT}={count})")
+        if count == 1 and forced != "1":
+            return None
+        return {
+            "coordinator_address": environ[_ADDRESS],
+            "num_processes": count,
+            "process_id": index,
+        }
+    several = forced == "1"
+    # srun sets SLURM_STEP_*; a batch script's own python (no srun) is one process
+    slurm_tasks = environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS") or "1"
+    several |= "SLURM_STEP_NODELIST" in environ and int(slurm_tasks) > 1
+    several |= int(environ.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1
+    several |= len(environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
+    return {} if several else None
+
+
+def maybe_initialize_distributed(environ: Mapping[str, str] | None = None) -> bool:
+    """Call `jax.distributed.initialize` when launched as several processes; True if so.
+
+    See `distributed_launch` for the launches it recognises. On CPU the cross-process
+    collectives are gloo's. Call it before anything else touches jax's devices.
+    """
+    launch = distributed_launch(os.environ if environ is None else environ)
+    if launch is None:
         return False
-    multi = forced == "1" or any(os.environ.get(k) for k in _DISTRIBUTED_ENV)
-    multi |= int(os.environ.get("SLURM_NTASKS", "1")) > 1
-    multi |= int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-    multi |= len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
-    if not multi:
-        return False
-    jax.distributed.initialize()
+    if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(**launch)
+    except ValueError as error:  # jax's cluster detection found no coordinator / count / id
+        raise ConfigError(
+            f"several processes detected but jax.distributed.initialize() failed: {error}; "
+            f"set {_LAUNCH_VARS} (or {DISTRIBUTED_FLAG}=0 for a single process)"
+        ) from error
     logging.info(
         "jax.distributed initialised: process %d of %d, %d global devices",
         jax.process_index(),
@@ -104,15 +159,35 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def to_global_batch(batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict[str, Any]:
+def process_batch_rows(sharding: NamedSharding, global_batch_size: int) -> np.ndarray:
+    """Rows of the global batch that this process's devices hold (ascending).
+
+    These are the rows this host loads: `jax.make_array_from_process_local_data` fills the
+    process's slices of the global array from its local rows in ascending global order.
+    With the mesh over `jax.devices()` (ordered by process) each host holds one contiguous
+    slice: host p of P the rows [p * B / P, (p + 1) * B / P).
+    """
+    index_map = sharding.addressable_devices_indices_map((int(global_batch_size),))
+    rows = set()
+    for index in index_map.values():
+        rows.update(range(*index[0].indices(int(global_batch_size))))
+    return np.array(sorted(rows), np.int64)
+
+
+def to_global_batch(
+    batch: Mapping[str, np.ndarray], sharding: NamedSharding, global_batch_size: int | None = None
+) -> dict[str, Any]:
     """Global jax.Arrays from this process's batch; the leading axis sharded by `sharding`.
 
-    With P processes the global batch is P times the local one, ordered by process.
+    The local batch holds this process's rows (`process_batch_rows`) in ascending order; with
+    `global_batch_size` None it is inferred (the local rows times the number of processes).
     """
-    return {
-        name: jax.make_array_from_process_local_data(sharding, np.asarray(value))
-        for name, value in batch.items()
-    }
+    out = {}
+    for name, value in batch.items():
+        value = np.asarray(value)
+        shape = None if global_batch_size is None else (int(global_batch_size), *value.shape[1:])
+        out[name] = jax.make_array_from_process_local_data(sharding, value, shape)
+    return out
 
 
 def check_batch_divisible(global_batch_size: int, mesh: Mesh, grad_accum_steps: int = 1) -> None:

@@ -207,14 +207,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     sharding.check_batch_divisible(global_batch, mesh, int(config.optim.grad_accum_steps))
     rules = sharding.validate_rules(config.mesh.rules)
 
-    dataset, info = data.make_dataset(
-        config.data,
-        global_batch_size=global_batch,
-        seed=int(config.seed),
-        label_mode=config.label.mode,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
+    info = data.dataset_info(config.data)
     labels.check_label_config(config.label, info.scorer_names)
     if abs(float(config.diffusion.vae_scaling_factor) - float(info.vae_scaling_factor)) > 1e-9:
         logging.warning(
@@ -244,13 +237,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     manager = checkpointing.make_manager(
         workdir, int(config.train.keep_checkpoints), bool(config.train.async_checkpoints)
     )
-    data_iter = iter(dataset)
-    state = checkpointing.restore_latest(manager, inits.abstract, inits.shardings, data_iter)
-    if state is None:
-        state = _initial_state(config, host_params, inits)
+    restored = checkpointing.restore_latest(manager, inits.abstract, inits.shardings, global_batch)
+    if restored is None:
+        state, position = _initial_state(config, host_params, inits), 0
     else:
+        state, position = restored
         logging.info("resumed from %s at step %d", manager.directory, int(state.step))
     del host_params
+    # this host's rows of every global batch, from the global data position on: the batches
+    # are the same for any number of processes (see bdpo_jax.data.pipeline)
+    dataset, _ = data.make_dataset(
+        config.data,
+        global_batch_size=global_batch,
+        seed=int(config.seed),
+        label_mode=config.label.mode,
+        rows=sharding.process_batch_rows(batch_sharding, global_batch),
+        start=position,
+    )
+    data_iter = iter(dataset)
 
     total = int(config.train.steps)
     start = int(state.step)
@@ -278,8 +282,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     try:
         for step in range(start + 1, total + 1):  # `step` = optimiser steps done after this one
             host_batch = next(data_iter)
+            position += global_batch
             batch = sharding.to_global_batch(
-                {k: host_batch[k] for k in schema.BATCH_FIELDS if k in host_batch}, batch_sharding
+                {k: host_batch[k] for k in schema.BATCH_FIELDS if k in host_batch},
+                batch_sharding,
+                global_batch,
             )
             if compiled is None:
                 t0 = time.perf_counter()
@@ -295,7 +302,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             if step % ckpt_every == 0 or step == total:
                 report(*pending)  # never save past a non-finite loss
                 pending = None
-                checkpointing.save(manager, step, state, data_iter, config_dict)
+                checkpointing.save(manager, step, state, position, config_dict)
             if sample_every and step % sample_every == 0:
                 write_grid(state.params, host_batch, workdir, step)
         if pending is not None:

@@ -61,6 +61,11 @@ def test_resume_is_exact_on_synthetic_data_and_checkpoint_layout(tmp_path):
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["12"]
     step_dir = os.path.join(workdir, "checkpoints", "12")
     assert {"state", "data_iter", "config"} <= set(os.listdir(step_dir))
+    # the data position: one JSON for every process count (not Grain's per-process files)
+    files = os.listdir(os.path.join(step_dir, checkpointing.DATA_ITEM))
+    assert "metadata" in files and not any(f.startswith("process_") for f in files)
+    with open(os.path.join(step_dir, checkpointing.DATA_ITEM, "metadata")) as f:
+        assert json.load(f) == {"position": 12 * 8}
     # what bdpo_jax.export does: restore without a target, read params
     with ocp.StandardCheckpointer() as ckpt:
         restored = ckpt.restore(os.path.join(step_dir, "state"))

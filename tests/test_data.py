@@ -4,7 +4,6 @@ import json
 import os
 
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
 
@@ -180,20 +179,30 @@ def test_two_processes_read_disjoint_halves(shard_dir):
 
 @pytest.mark.parametrize("mode", ["majority", "human", "single"])
 def test_tie_filter(shard_dir, mode):
+    """A tie is replaced by a random non-tied record; every other position is unchanged."""
     records = [_record(i) for i in range(NUM_RECORDS)]
+    kept = {i for i, r in enumerate(records) if data.keep_record(r, mode)}
     if mode == "majority":
-        kept = [i for i, r in enumerate(records) if r["label"] != 0]
+        assert kept == {i for i, r in enumerate(records) if r["label"] != 0}
     elif mode == "human":
-        kept = [i for i, r in enumerate(records) if r["human_label"] in (1.0, -1.0)]
+        assert kept == {i for i, r in enumerate(records) if r["human_label"] in (1.0, -1.0)}
     else:
-        kept = list(range(NUM_RECORDS))
+        assert kept == set(range(NUM_RECORDS))
     assert 0 < len(kept) <= NUM_RECORDS
-    batch_size = 2
-    n = len(kept) // batch_size
-    batches = _batches(_config(shard_dir, drop_tied_labels=True), n, batch=batch_size, mode=mode)
-    seen = np.concatenate([b["index"] for b in batches])
-    assert len(set(seen)) == len(seen) and set(seen) <= set(kept)
-    assert len(seen) >= len(kept) - 1
+    filtered = _batches(_config(shard_dir, drop_tied_labels=True), 6, mode=mode)
+    plain = _batches(_config(shard_dir), 6, mode=mode)
+    seen = np.concatenate([b["index"] for b in filtered])
+    order = np.concatenate([b["index"] for b in plain])
+    assert set(seen) <= kept
+    same = [i in kept for i in order]
+    np.testing.assert_array_equal(seen[same], order[same])
+    assert (mode == "single") == all(same)
+    for position in np.flatnonzero(~np.array(same)):  # the replacement drawn for that position
+        attempt, index = 1, data.replacement_index(0, int(position), 1, NUM_RECORDS)
+        while index not in kept:
+            attempt += 1
+            index = data.replacement_index(0, int(position), attempt, NUM_RECORDS)
+        assert seen[position] == index
 
 
 def test_view_choice_per_image(shard_dir):
@@ -239,33 +248,46 @@ def test_iterator_state_resumes_exactly(shard_dir, prefetch):
     _assert_same_batches(expected, [next(fresh) for _ in range(6)])
 
 
-@pytest.mark.parametrize("prefetch", [0, 2])
-def test_orbax_round_trip_of_the_iterator(shard_dir, tmp_path, prefetch):
-    config = _config(shard_dir, drop_tied_labels=True, prefetch=prefetch)
-    iterator = _iterator(config)
-    for _ in range(4):
-        next(iterator)
-    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
-        manager.save(
-            4, args=ocp.args.Composite(data=data.data_iterator_checkpoint_args(iterator, False))
-        )
-        manager.wait_until_finished()
-    expected = [next(iterator) for _ in range(5)]
-    restored = _iterator(config)
-    next(restored)  # a different position, overwritten by the restore
-    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
-        out = manager.restore(
-            4, args=ocp.args.Composite(data=data.data_iterator_checkpoint_args(restored, True))
-        )
-    assert out["data"] is restored
-    _assert_same_batches(expected, [next(restored) for _ in range(5)])
+def test_a_pipeline_started_at_a_position_continues_the_stream(shard_dir):
+    """The trainer's data position: starting at 4 x B equals skipping 4 batches."""
+    for prefetch in (0, 2):
+        config = _config(shard_dir, drop_tied_labels=True, prefetch=prefetch)
+        stream = _batches(config, 9, batch=4)
+        _assert_same_batches(stream[4:], _batches(config, 5, batch=4, start=16))
 
 
-def test_worker_processes_give_a_checkpointable_epoch(shard_dir):
+@pytest.mark.parametrize("processes", [2, 4])
+def test_hosts_together_load_the_one_process_batch(shard_dir, processes):
+    """The global batch of a step does not depend on the number of processes: host p loads
+    its slice of it (ties replaced and views chosen by global position), and any set of rows
+    gets those rows."""
+    config = _config(shard_dir, drop_tied_labels=True)
+    one = _batches(config, 5, batch=8, seed=3)
+    hosts = [
+        _batches(config, 5, batch=8, seed=3, process_index=p, process_count=processes)
+        for p in range(processes)
+    ]
+    for t, batch in enumerate(one):
+        for key in batch:
+            joined = np.concatenate([host[t][key] for host in hosts])
+            np.testing.assert_array_equal(joined, batch[key], err_msg=key)
+    rows = _batches(config, 5, batch=8, seed=3, rows=[1, 6])
+    for t, batch in enumerate(one):
+        for key in batch:
+            np.testing.assert_array_equal(rows[t][key], batch[key][[1, 6]], err_msg=key)
+    with pytest.raises(ValueError, match="ascending"):
+        _batches(config, 1, batch=8, rows=[3, 1])
+    with pytest.raises(ValueError, match="outside the global batch"):
+        _batches(config, 1, batch=8, rows=[8])
+
+
+def test_worker_processes_give_the_same_batches_and_resume(shard_dir):
     config = _config(shard_dir, num_workers=2, prefetch=1)
     iterator = _iterator(config)
-    # worker w reads positions w, w + 2, ...: six batches are positions 0..23 of epoch 0
-    epoch = np.concatenate([next(iterator)["index"] for _ in range(6)])
+    # a Grain worker makes whole batches (worker w: batches w, w + 2, ...): same stream
+    batches = [next(iterator) for _ in range(6)]
+    _assert_same_batches(batches, _batches(_config(shard_dir), 6, batch=4))
+    epoch = np.concatenate([b["index"] for b in batches])
     assert len(set(epoch)) == 24 and set(epoch) <= set(range(NUM_RECORDS))
     state = iterator.get_state()
     expected = [next(iterator) for _ in range(3)]

@@ -325,6 +325,23 @@ def test_two_workers_split_disjointly(world):
     assert ids[1] == {"1001", "1005", "1007", "1009"}  # 1003 is corrupt
     assert data.read_manifest(str(out))["counts"]["read"] == 10
 
+    # the trainer's reader sees the same records as from one worker (the same set; the global
+    # order is worker-major: worker 0's pairs, then worker 1's; one folder's order is fixed,
+    # so every process count and resume trains alike on it)
+    single = world["root"] / "one_worker"
+    keep = ("--tie-policy", "keep", "--human-ties", "keep", "--limit", "10")
+    preprocess.main(_argv(world, single, "--latent-encoder", "identity", *keep))
+    split_info, single_info = data.read_dataset_info(str(out)), data.read_dataset_info(str(single))
+    assert split_info.num_records == single_info.num_records == 9
+    np.testing.assert_allclose(split_info.score_mean, single_info.score_mean, rtol=1e-6)
+    split = data.read_records(str(out), range(9))
+    by_id = {r["pair_id"]: r for r in data.read_records(str(single), range(9))}
+    assert [r["pair_id"] for r in split] == sorted(ids[0]) + sorted(ids[1])
+    assert sorted(by_id) == sorted(r["pair_id"] for r in split)
+    for record in split:
+        for key, value in record.items():
+            np.testing.assert_array_equal(value, by_id[record["pair_id"]][key], err_msg=key)
+
 
 def test_generic_jsonl_with_relative_paths(world, tmp_path, caplog):
     for i in range(3):

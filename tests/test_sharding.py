@@ -10,7 +10,8 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from bdpo_jax import sharding
+from bdpo_jax import schema, sharding
+from bdpo_jax.schema import ConfigError
 
 
 def test_eight_fake_devices():
@@ -124,7 +125,11 @@ def test_to_global_batch_on_a_4x2_mesh():
 def test_distributed_not_initialised_for_single_process(monkeypatch):
     for var in (
         "JAX_COORDINATOR_ADDRESS",
+        "JAX_NUM_PROCESSES",
+        "JAX_PROCESS_ID",
         "SLURM_NTASKS",
+        "SLURM_STEP_NUM_TASKS",
+        "SLURM_STEP_NODELIST",
         "OMPI_COMM_WORLD_SIZE",
         "TPU_WORKER_HOSTNAMES",
         "BDPO_DISTRIBUTED",
@@ -132,8 +137,86 @@ def test_distributed_not_initialised_for_single_process(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     assert sharding.maybe_initialize_distributed() is False
     monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_STEP_NODELIST", "node[1-4]")
     monkeypatch.setenv("BDPO_DISTRIBUTED", "0")
     assert sharding.maybe_initialize_distributed() is False
+
+
+_ENV = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}
+
+
+@pytest.mark.parametrize(
+    "environ, expect",
+    [
+        ({}, None),
+        (_ENV, {"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3}),
+        (_ENV | {"BDPO_DISTRIBUTED": "0"}, None),
+        (_ENV | {"JAX_NUM_PROCESSES": "1", "JAX_PROCESS_ID": "0"}, None),  # one process
+        ({"SLURM_NTASKS": "8", "SLURM_STEP_NODELIST": "n[1-8]", "SLURM_PROCID": "2"}, {}),
+        ({"SLURM_NTASKS": "8", "SLURM_PROCID": "0"}, None),  # a batch script's python, no srun
+        ({"SLURM_STEP_NUM_TASKS": "1", "SLURM_NTASKS": "8", "SLURM_STEP_NODELIST": "n1"}, None),
+        ({"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "1"}, {}),
+        ({"OMPI_COMM_WORLD_SIZE": "1"}, None),
+        ({"TPU_WORKER_HOSTNAMES": "t0,t1,t2,t3"}, {}),
+        ({"TPU_WORKER_HOSTNAMES": "localhost"}, None),
+        ({"BDPO_DISTRIBUTED": "1"}, {}),  # forced: jax's own cluster detection
+    ],
+)
+def test_distributed_launch_from_the_environment(environ, expect):
+    assert sharding.distributed_launch(environ) == expect
+
+
+@pytest.mark.parametrize(
+    "environ, match",
+    [
+        ({"JAX_COORDINATOR_ADDRESS": "h:1"}, "JAX_COORDINATOR_ADDRESS set without JAX_NUM_PRO"),
+        ({"JAX_NUM_PROCESSES": "2"}, "without JAX_COORDINATOR_ADDRESS, JAX_PROCESS_ID"),
+        (_ENV | {"JAX_PROCESS_ID": ""}, "without JAX_PROCESS_ID"),
+        (_ENV | {"JAX_PROCESS_ID": "4"}, r"JAX_PROCESS_ID=4 must be in \[0, JAX_NUM_PROCESSES=4\)"),
+        (_ENV | {"JAX_PROCESS_ID": "-1"}, "JAX_PROCESS_ID=-1 must be in"),
+        (_ENV | {"JAX_NUM_PROCESSES": "two"}, "JAX_NUM_PROCESSES='two' must be an integer"),
+        (_ENV | {"JAX_NUM_PROCESSES": "0"}, "JAX_NUM_PROCESSES=0 must be >= 1"),
+        ({"BDPO_DISTRIBUTED": "yes"}, "BDPO_DISTRIBUTED='yes' must be 0 or 1"),
+    ],
+)
+def test_half_configured_launch_is_one_clear_error(environ, match, capsys):
+    with pytest.raises(ConfigError, match=match):
+        sharding.distributed_launch(environ)
+    with pytest.raises(SystemExit) as exit_info:  # the train CLI: one line, exit code 2
+        schema.run_cli("bdpo_jax.train", lambda: sharding.distributed_launch(environ))
+    assert exit_info.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_jax_cluster_detection_failure_is_a_config_error(monkeypatch):
+    def fail(**kwargs):
+        raise ValueError("Number of processes must be defined.")
+
+    monkeypatch.setattr(jax.distributed, "initialize", fail)
+    with pytest.raises(ConfigError, match="set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES"):
+        sharding.maybe_initialize_distributed({"OMPI_COMM_WORLD_SIZE": "2"})
+
+
+@pytest.mark.parametrize("shape", [(1, 8), (4, 2), (8, 1)])
+def test_process_batch_rows_single_process_owns_all(shape):
+    batch_sharding = sharding.batch_sharding(sharding.make_mesh(shape))
+    np.testing.assert_array_equal(sharding.process_batch_rows(batch_sharding, 16), np.arange(16))
+
+
+def test_process_batch_rows_of_a_host_are_its_devices_rows():
+    """A mesh over 4 of the 8 devices stands in for one host's share of a 2-host mesh: with the
+    mesh over jax.devices(), host 0 holds the first half of the batch, host 1 the second."""
+    devices = jax.devices()
+    mesh = sharding.make_mesh((1, 8), devices=devices)
+    rows_by_device = {
+        d: range(*index[0].indices(16))
+        for d, index in sharding.batch_sharding(mesh).devices_indices_map((16,)).items()
+    }
+    for host in range(2):
+        owned = sorted(r for d in devices[4 * host : 4 * host + 4] for r in rows_by_device[d])
+        assert owned == list(range(8 * host, 8 * host + 8))
+    out = sharding.to_global_batch({"x": np.arange(16.0)}, sharding.batch_sharding(mesh), 16)
+    np.testing.assert_array_equal(np.asarray(out["x"]), np.arange(16.0))
 
 
 # --- the train step on different meshes ------------------------------------------------------

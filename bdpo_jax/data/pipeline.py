@@ -1,27 +1,32 @@
 """The Grain input pipeline over a random-access source of records (shards or synthetic).
 
-Pipeline (one per process):
+The data order is global: it depends on the seed and the global batch size, never on the
+number of processes (hosts) or of Grain workers.
 
-    MapDataset.source(all records, in manifest order)   global record index 0..N-1
-      -> shuffle(seed)            a fresh permutation every epoch (grain reseeds per epoch)
-      -> repeat()                 infinite stream of global positions 0, 1, 2, ...
-      -> [process_index::process_count]   multi-host: host p reads positions p, p+P, ...
-      -> decode + choose a view per image (when V == 2 and data.random_flip)
-      -> filter tied labels (data.drop_tied_labels)
-      -> batch(global_batch_size // process_count, drop_remainder=True)
+    global order     MapDataset.range(N).shuffle(seed).repeat(): position g -> record index
+                     (a fresh permutation every epoch: grain reseeds the shuffle per epoch)
+    global batch t   positions start + t * B + r for the rows r = 0..B-1
+    this host        loads only the rows it owns (`rows`, ascending: what its devices hold of
+                     the batch, `sharding.process_batch_rows`; a contiguous slice per host)
+    position g       record order[g], decoded; its view per image (data.random_flip, V == 2) is
+                     a coin of (seed, g); a tie (data.drop_tied_labels) is replaced by a random
+                     non-tied record drawn from (seed, g), so every row stays a function of g
+
+    MapDataset.range(batches).map(_ReadBatch) -> to_iter_dataset(read threads)
       -> mp_prefetch(data.num_workers) or a prefetch thread
 
-Every epoch is a permutation of all N records, so the hosts together read each record
-exactly once per epoch and no two hosts read the same position. The iterator is a Grain
-`DatasetIterator`: `get_state`/`set_state` resume exactly, and
-`data_iterator_checkpoint_args` gives the Orbax args for a CompositeCheckpoint item.
+Each element of the MapDataset is a whole host batch, so Grain's worker processes split the
+stream by batches and the batches are the same with and without workers. The data position
+is one integer, the next global position (`start`; `step * B` after `step` steps), which
+every process count reads the same: the trainer checkpoints that instead of Grain's
+per-process iterator state.
 """
 
 from __future__ import annotations
 
 import atexit
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grain
@@ -33,25 +38,11 @@ from bdpo_jax import schema
 # record index of every pair.
 BATCH_DTYPES = {name: np.dtype(schema.ARRAY_FIELDS[name][0]) for name in schema.BATCH_FIELDS}
 BATCH_DTYPES["index"] = np.dtype(np.int64)
+_MAX_BATCHES = 2**62  # the stream is endless: host batches 0 .. 2**62 - 1
+_TIE_SALT = 0x7F4A7C159E3779B9
 
 
-class _IndexedSource(grain.sources.RandomAccessDataSource):
-    """A data source whose elements are (global record index, element)."""
-
-    def __init__(self, source):
-        self._source = source
-
-    def __len__(self) -> int:
-        return len(self._source)
-
-    def __getitem__(self, index):
-        return int(index), self._source[index]
-
-    def __repr__(self) -> str:
-        return f"_IndexedSource({self._source!r})"
-
-
-# --- per-record transforms ------------------------------------------------------------------
+# --- per-record randomness (a function of the global position only) ------------------------
 
 
 def _mix64(x: int) -> int:
@@ -63,11 +54,16 @@ def _mix64(x: int) -> int:
 
 
 def choose_views(seed: int, position: int, views: int) -> tuple[int, int]:
-    """Views for image 0 and image 1 at stream `position`: independent fair coins."""
+    """Views for image 0 and image 1 at global `position`: independent fair coins."""
     if views == 1:
         return 0, 0
     bits = _mix64(_mix64(seed) ^ position)
     return bits & 1, (bits >> 1) & 1
+
+
+def replacement_index(seed: int, position: int, attempt: int, num_records: int) -> int:
+    """The record drawn for a tie at global `position` (attempt 1, 2, ...)."""
+    return _mix64(_mix64(_mix64(seed ^ _TIE_SALT) ^ position) ^ attempt) % num_records
 
 
 def keep_record(record: Mapping[str, Any], label_mode: str) -> bool:
@@ -78,6 +74,22 @@ def keep_record(record: Mapping[str, Any], label_mode: str) -> bool:
         human = float(record["human_label"])
         return human == human and human != 0.0  # drops NaN and 0
     return True
+
+
+def contiguous_rows(global_batch_size: int, process_index: int, process_count: int) -> np.ndarray:
+    """Rows of the global batch of process `process_index` of `process_count`: one slice."""
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(f"bad process_index/process_count {process_index}/{process_count}")
+    if global_batch_size % process_count:
+        raise ValueError(
+            f"global batch size {global_batch_size} is not divisible by the "
+            f"{process_count} processes"
+        )
+    size = global_batch_size // process_count
+    return np.arange(process_index * size, (process_index + 1) * size)
+
+
+# --- reading one host batch -----------------------------------------------------------------
 
 
 def _batch_element(record: Mapping[str, Any], index: int, v0: int, v1: int) -> dict:
@@ -92,41 +104,44 @@ def _batch_element(record: Mapping[str, Any], index: int, v0: int, v1: int) -> d
     return element
 
 
-class _ToElement:
-    """(local position, (record index, record)) -> numeric batch element."""
+class _ReadBatch:
+    """Host batch number t -> the stacked elements of this host's rows of global batch t."""
 
-    def __init__(self, *, decode: bool, seed: int, flip: bool, process_index, process_count):
-        self.decode, self.seed, self.flip = decode, seed, flip
-        self.process_index, self.process_count = process_index, process_count
+    def __init__(self, source, *, order, start, global_batch_size, rows, decode, seed, flip,
+                 label_mode):  # fmt: skip
+        self.source, self.order, self.start = source, order, int(start)
+        self.global_batch_size, self.rows = int(global_batch_size), [int(r) for r in rows]
+        self.decode, self.seed, self.flip, self.label_mode = decode, seed, flip, label_mode
+        self.num_records = len(source)
+        self.limit = max(self.num_records, 64)
 
-    def __call__(self, local_position: int, item) -> dict:
-        index, record = item
-        if self.decode:
-            record = schema.decode_record(record)
+    def _record(self, index: int) -> dict:
+        record = self.source[index]
+        return schema.decode_record(record) if self.decode else record
+
+    def element(self, position: int) -> dict:
+        """The batch element at global `position` (a function of the position and seed only)."""
+        index = int(self.order[position])
+        record = self._record(index)
+        attempt = 0
+        while self.label_mode is not None and not keep_record(record, self.label_mode):
+            attempt += 1
+            if attempt > self.limit:
+                raise ValueError(
+                    f"{attempt} records in a row are ties for label mode {self.label_mode!r}; "
+                    "the data has no usable pairs for this mode "
+                    "(set --config.data.drop_tied_labels=False to keep ties)"
+                )
+            index = replacement_index(self.seed, position, attempt, self.num_records)
+            record = self._record(index)
         views = record["moments_0"].shape[0] if self.flip else 1
-        position = self.process_index + local_position * self.process_count
         v0, v1 = choose_views(self.seed, position, views)
         return _batch_element(record, index, v0, v1)
 
-
-class _KeepFilter:
-    """Tie filter that fails loudly instead of spinning when nothing passes."""
-
-    def __init__(self, label_mode: str, limit: int):
-        self.label_mode, self.limit, self.rejected = label_mode, limit, 0
-
-    def __call__(self, element: Mapping[str, Any]) -> bool:
-        if keep_record(element, self.label_mode):
-            self.rejected = 0
-            return True
-        self.rejected += 1
-        if self.rejected > self.limit:
-            raise ValueError(
-                f"{self.rejected} records in a row are ties for label mode "
-                f"{self.label_mode!r}; the data has no usable pairs for this mode "
-                "(set --config.data.drop_tied_labels=False to keep ties)"
-            )
-        return False
+    def __call__(self, t: int) -> dict:
+        first = self.start + int(t) * self.global_batch_size
+        elements = [self.element(first + r) for r in self.rows]
+        return {name: np.stack([e[name] for e in elements]) for name in elements[0]}
 
 
 # --- iterator lifetime ----------------------------------------------------------------------
@@ -168,49 +183,46 @@ def build_pipeline(
     source,
     *,
     data_config,
-    num_records: int,
     global_batch_size: int,
     seed: int,
     label_mode: str,
-    process_index: int,
-    process_count: int,
+    rows: Sequence[int],
     decode: bool,
+    start: int = 0,
 ) -> grain.IterDataset:
-    """The shared pipeline over a random-access `source` of records (bytes when `decode`)."""
-    if process_count < 1 or not 0 <= process_index < process_count:
-        raise ValueError(f"bad process_index/process_count {process_index}/{process_count}")
-    if global_batch_size % process_count:
-        raise ValueError(
-            f"global batch size {global_batch_size} is not divisible by the "
-            f"{process_count} processes"
-        )
-    batch_size = global_batch_size // process_count
-    if batch_size < 1:
+    """This host's batches (its `rows` of every global batch) over a random-access `source`
+    of records (bytes when `decode`), from global position `start` on."""
+    rows = np.asarray(rows, np.int64)
+    if global_batch_size < 1:
         raise ValueError(f"global batch size must be positive, got {global_batch_size}")
+    if not len(rows) or np.any(np.diff(rows) <= 0) or rows[0] < 0:
+        raise ValueError(f"rows must be ascending and non-empty, got {rows.tolist()}")
+    if rows[-1] >= global_batch_size:
+        raise ValueError(f"row {rows[-1]} is outside the global batch of {global_batch_size}")
+    if start < 0:
+        raise ValueError(f"the data position must be >= 0, got {start}")
     seed = int(seed) % 2**32
-    ds = grain.MapDataset.source(_IndexedSource(source))
+    order = grain.MapDataset.range(len(source))
     if data_config.shuffle:
-        ds = ds.shuffle(seed=seed)
-    ds = ds.repeat()
-    if process_count > 1:
-        ds = ds[process_index::process_count]
-    to_element = _ToElement(
+        order = order.shuffle(seed=seed)
+    read_batch = _ReadBatch(
+        source,
+        order=order.repeat(),
+        start=start,
+        global_batch_size=global_batch_size,
+        rows=rows,
         decode=decode,
         seed=seed,
         flip=bool(data_config.random_flip),
-        process_index=process_index,
-        process_count=process_count,
+        label_mode=label_mode if data_config.drop_tied_labels else None,
     )
-    ds = ds.map_with_index(to_element)
-    read_buffer = max(batch_size * max(int(data_config.prefetch), 1), 16)
+    ds = grain.MapDataset.range(_MAX_BATCHES).map(read_batch)
+    threads = int(data_config.get("read_threads", 0))
     ids = ds.to_iter_dataset(
         grain.ReadOptions(
-            num_threads=int(data_config.get("read_threads", 0)), prefetch_buffer_size=read_buffer
+            num_threads=threads, prefetch_buffer_size=max(int(data_config.prefetch), threads, 1)
         )
     )
-    if data_config.drop_tied_labels:
-        ids = ids.filter(_KeepFilter(label_mode, limit=max(num_records, 64)))
-    ids = ids.batch(batch_size, drop_remainder=True)
     if int(data_config.num_workers) > 0:
         _ensure_absl_flags_parsed()
         options = grain.MultiprocessingOptions(
@@ -223,18 +235,3 @@ def build_pipeline(
             ids, prefetch_buffer_size=int(data_config.prefetch)
         )
     return _ClosedAtExit(ids)
-
-
-def data_iterator_checkpoint_args(iterator: grain.DatasetIterator, restore: bool):
-    """Orbax args for the data iterator as one item of a CompositeCheckpoint.
-
-    Save:    ocp.args.Composite(state=..., data=data_iterator_checkpoint_args(it, False))
-    Restore: ocp.args.Composite(state=..., data=data_iterator_checkpoint_args(it, True));
-             the iterator `it` (made by the same config) is restored in place.
-    Each process writes its own `process_<i>-of-<n>.json` (Grain's CheckpointHandler).
-    """
-    import grain.checkpoint as grain_checkpoint  # imports orbax
-
-    if restore:
-        return grain_checkpoint.CheckpointRestore(iterator)
-    return grain_checkpoint.CheckpointSave(iterator)

@@ -2,7 +2,7 @@
 
 Backs configs/tiny.py and the trainer's CPU tests: no files, deterministic from the seed,
 cheap. Records have the keys and dtypes of `bdpo_jax.schema` and go through the same Grain
-pipeline as the shards (`bdpo_jax.data.pipeline.build_pipeline`), so shuffling, multi-host
+pipeline as the shards (`bdpo_jax.data.make_dataset`), so shuffling, multi-host
 slicing, tie filtering, batching and iterator checkpoints behave exactly as with real data.
 
 Scores are random, on deliberately different scales per scorer (like PickScore, HPS,
@@ -17,7 +17,6 @@ import numpy as np
 
 from bdpo_jax import schema
 from bdpo_jax.data.manifest import DataConfigError, DatasetInfo
-from bdpo_jax.data.pipeline import build_pipeline
 
 VAE_SCALING_FACTOR = 0.18215  # SD1.5's; synthetic latents are N(0, 1) after scaling
 _BASE_MEANS = np.array([0.19, 0.27, 0.37, 4.5], np.float64)  # P, H, C, A-like scales
@@ -131,26 +130,6 @@ def synthetic_dataset_info(data_config, seed: int = 0) -> DatasetInfo:
     return _source_and_info(data_config, seed)[1]
 
 
-def make_synthetic_dataset(
-    data_config,
-    *,
-    global_batch_size: int,
-    seed: int,
-    label_mode: str,
-    process_index: int = 0,
-    process_count: int = 1,
-) -> tuple[grain.IterDataset, DatasetInfo]:
-    """Batches of synthetic pairs through the shards' pipeline, and their DatasetInfo."""
-    source, info = _source_and_info(data_config, seed)
-    dataset = build_pipeline(
-        source,
-        data_config=data_config,
-        num_records=info.num_records,
-        global_batch_size=global_batch_size,
-        seed=seed,
-        label_mode=label_mode,
-        process_index=process_index,
-        process_count=process_count,
-        decode=False,
-    )
-    return dataset, info
+def synthetic_source(data_config, seed: int = 0) -> tuple[SyntheticSource, DatasetInfo]:
+    """The random-access source of the synthetic records of `data_config` and their info."""
+    return _source_and_info(data_config, seed)
