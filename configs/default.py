@@ -44,7 +44,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.prefetch = 2  # batches prefetched ahead of the step
     config.data.read_threads = 0  # reader threads per process (0: best on local disk; >0 for NFS)
     config.data.random_flip = True  # pick a stored flipped view at random when present
-    config.data.drop_tied_labels = True  # drop pairs whose chosen label is 0 (exact tie)
+    config.data.drop_tied_labels = True  # a pair whose label is 0 (tie) is replaced by a random
+    # non-tied pair drawn from (seed, global position): batches stay independent of the hosts
     # synthetic source (CPU smoke tests): random moments, embeddings and scores made in-process
     config.data.synthetic_num_records = 64  # size of the synthetic dataset
     config.data.synthetic_latent_shape = (4, 8, 8)  # [C, H, W] of synthetic latents
