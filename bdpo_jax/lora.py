@@ -128,15 +128,23 @@ def init_adapters(key: jax.Array, base: Params, spec: LoraSpec, dtype: Any) -> P
     return traverse_util.unflatten_dict(out)
 
 
-def merge(base: Params, adapters: Params, scale: float) -> Params:
+def merge(base: Params, adapters: Params, scale: float, shardings: Params | None = None) -> Params:
     """The base with every adapted kernel W replaced by W + scale * A @ B (in fp32, cast back to
-    W's dtype); untouched leaves are the base's own arrays. Differentiable in `adapters`."""
+    W's dtype); untouched leaves are the base's own arrays. Differentiable in `adapters`.
+
+    shardings (the base's, inside jit): each merged kernel is constrained to its W's sharding,
+    so the policy's and the reference's kernels are laid out (and reduced) as the base's.
+    """
     flat = dict(traverse_util.flatten_dict(base))
+    flat_shardings = traverse_util.flatten_dict(shardings) if shardings is not None else {}
     for path, ab in traverse_util.flatten_dict(adapters, is_leaf=_is_layer).items():
         kpath = path + ("kernel",)
         w = flat[kpath]
         delta = jnp.matmul(ab[A].astype(jnp.float32), ab[B].astype(jnp.float32))
-        flat[kpath] = (w.astype(jnp.float32) + scale * delta).astype(w.dtype)
+        merged = (w.astype(jnp.float32) + scale * delta).astype(w.dtype)
+        if kpath in flat_shardings:
+            merged = jax.lax.with_sharding_constraint(merged, flat_shardings[kpath])
+        flat[kpath] = merged
     return traverse_util.unflatten_dict(flat)
 
 

@@ -273,7 +273,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         lora_spec=lora_spec,
         base_dtype=dtype_from_name(config.model.compute_dtype, "config.model.compute_dtype"),
     )
-    base_shardings = inits.base.shardings if inits.base is not None else None
+    base_shardings = None
+    if inits.base is not None:  # merged kernels laid out as the base's
+        base_shardings = inits.base.shardings
+        step_fn = functools.partial(step_fn, base_shardings=base_shardings)
     jit_step = jit_train_step(step_fn, inits.shardings, mesh, base_shardings)
     refresh = jit_refresh(config.dpo, inits.shardings)
     batch_sharding = sharding.batch_sharding(mesh)

@@ -260,13 +260,15 @@ def train_step(
     grad_accum_steps: int = 1,
     lora: lora_lib.LoraSpec | None = None,
     ref_is_base: bool = False,
+    base_shardings: Params | None = None,
 ) -> tuple[TrainState, Metrics]:
     """One optimiser step: labels, loss, gradient (accumulated), clip, update; scalar metrics.
 
     consts: see `make_consts`. loss_fn: `make_loss_fn`. label_fn: `labels.make_label_fn`.
     LoRA (`lora` set): state.params / ref_params are adapters of the frozen `base` params; the
     loss sees base + adapters merged (`lora.merge`), the gradient is the adapters' only; with
-    `ref_is_base` (no reference refresh) the reference is the base alone.
+    `ref_is_base` (no reference refresh) the reference is the base alone. `base_shardings`
+    (the base's NamedShardings) lay the merged kernels out as the base's.
     """
     rng = jax.random.fold_in(state.rng, state.step)
     k_label, k_step = jax.random.split(rng)
@@ -277,7 +279,7 @@ def train_step(
     else:
 
         def policy(adapters):
-            return lora_lib.merge(base, adapters, lora.scale)
+            return lora_lib.merge(base, adapters, lora.scale, base_shardings)
 
         ref_params = base if ref_is_base else policy(state.ref_params)
 
