@@ -23,6 +23,7 @@ config.json: config.model.init_checkpoint, pretrained or unet_config with the se
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -172,7 +173,8 @@ def lora_base_params(run_config: dict[str, Any], unet_config: dict[str, Any]) ->
         param_dtype = dtypes.dtype_from_name(model_cfg.get("param_dtype", "float32"), "dtype")
         model = UNet2DConditionModel.from_config(unet_config, param_dtype=param_dtype)
         key = train_state.unet_init_key(jax.random.PRNGKey(int(run_config.get("seed", 0))))
-        params = init_unet_params(model, key)  # the same draw as the trainer's jitted init
+        # jitted like the trainer's init (a concrete call may round the fan-in scaling differently)
+        params = jax.jit(functools.partial(init_unet_params, model))(key)
     elif model_cfg.get("pretrained"):
         _, params = load_unet(model_cfg["pretrained"], subfolder=model_cfg.get("subfolder") or None)
     else:

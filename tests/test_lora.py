@@ -2,6 +2,7 @@
 checkpoints without the base, bit-identical resume, and a trained effect (bdpo_jax.lora and the
 trainer's LoRA path)."""
 
+import json
 import math
 import os
 
@@ -9,12 +10,23 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax import traverse_util
 
-from bdpo_jax import checkpointing, data, lora, metrics_writer, schema, train, train_state
-from bdpo_jax.models import UNet2DConditionModel, init_unet_params, presets
+from bdpo_jax import (
+    checkpointing,
+    data,
+    export,
+    lora,
+    metrics_writer,
+    schema,
+    sharding,
+    train,
+    train_state,
+)
+from bdpo_jax.models import UNet2DConditionModel, init_unet_params, load_unet, presets
 from configs import tiny
 
 
@@ -204,6 +216,28 @@ def test_lora_run_checkpoints_adapters_only_and_resumes_bit_identically(tmp_path
         jax.tree.map(np.testing.assert_array_equal, got, want)
     jax.tree.map(np.testing.assert_array_equal, resumed.opt_state, straight.opt_state)
     assert os.path.isdir(tmp_path / "b" / "checkpoints" / "4")
+
+    # export --merge rebuilds the frozen base from unet_config + seed: the trainer's, bit for bit
+    config = _lora_config(4)
+    inits = train_state.make_initializers(
+        _model(),
+        optax.sgd(0.0),
+        sharding.make_mesh(config.mesh.shape),
+        (),
+        int(config.mesh.fsdp_min_size),
+        lora_spec=lora.spec_from_config(config.lora),
+        base_dtype=jnp.float32,
+    )
+    trained_base = jax.device_get(inits.base.init_random(jax.random.PRNGKey(int(config.seed))))
+    workdir = tmp_path / "a"
+    run_config = json.loads((workdir / checkpointing.CONFIG_FILE).read_text())
+    unet_config = json.loads((workdir / checkpointing.UNET_CONFIG_FILE).read_text())
+    rebuilt = export.lora_base_params(run_config, unet_config)
+    jax.tree.map(np.testing.assert_array_equal, rebuilt, trained_base)
+    out = export.export(workdir, tmp_path / "merged", merge=True)
+    _, merged = load_unet(str(out))
+    want = lora.merge(trained_base, jax.device_get(straight.params), 1.0)
+    jax.tree.map(np.testing.assert_array_equal, merged, want)
 
 
 def test_lora_config_errors():
