@@ -16,7 +16,7 @@ equals a target or ends with "." + target ("to_q", "to_out.0", "ff.net.0.proj", 
 diffusers' file (``pytorch_lora_weights.safetensors``, see `to_diffusers_state`) the factors are
 torch Linear weights: ``unet.<module>.lora_A.weight`` = A.T [r, in] and ``lora_B.weight`` = B.T
 [out, r]; rank and alpha go in the safetensors metadata ``lora_adapter_metadata`` (JSON of
-peft's LoraConfig fields, prefixed "unet."), which diffusers >= 0.34 reads.
+peft's LoraConfig fields, prefixed "unet."), which diffusers reads (checked with 0.42).
 """
 
 from __future__ import annotations
