@@ -3,6 +3,7 @@
     python -m bdpo_jax.memory_plan --model sd15 --mesh 1,8 --batch 128 --accum 4 --latent 64
     python -m bdpo_jax.memory_plan --model sdxl --mesh 1,8 --batch 64 --accum 8 --latent 128 \
         --optimizer adafactor --json plan.json
+    python -m bdpo_jax.memory_plan --model sdxl --lora-rank 64 --mesh 1,1 --batch 8 --accum 8
 
 Rows: params, ref_params, optimizer state (each sharded by bdpo_jax.sharding's rules on the given
 (data, fsdp) mesh shape: no devices needed), gradients (same sharding as params) and an
@@ -11,6 +12,12 @@ the per-device micro-batch of 2 x (batch / devices / accum) images (jax's saved_
 and, as a separate row, the same without gradient checkpointing (an upper bound). With remat,
 XLA's real peak also holds one block's recomputed intermediates and temporaries: treat the total
 as a floor and leave headroom.
+
+LoRA (--lora-rank r, config.lora.rank): the frozen base is held once, in the compute dtype
+(row base_params); params, ref_params, optimizer state and gradients are the adapters' (tiny);
+merged_kernels are the policy's W + scale A B of the adapted layers, which the step computes
+before the forward and keeps until the backward (compute dtype, sharded as the base). Each plan
+says whether its total fits one GPU of 24, 40 and 80 GB (GiB, keeping FIT_HEADROOM free).
 """
 
 from __future__ import annotations
@@ -24,13 +31,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import traverse_util
 
-from bdpo_jax import optim, schema, sharding
+from bdpo_jax import lora, optim, schema, sharding
 from bdpo_jax.models import dtypes, presets
 
 PROG = "python -m bdpo_jax.memory_plan"
 _TEXT_SHAPES = {"sd15": (77, 768), "sd21": (77, 1024), "sdxl": (77, 2048)}
 _LATENT_SIZES = {"sd15": 64, "sd21": 96, "sdxl": 128}  # 512, 768 and 1024 px
+GPU_SIZES_GB = (24, 40, 80)  # one GPU's memory in GiB (RTX 4090 / A100-40 / A100-80, H100)
+FIT_HEADROOM = 0.1  # share of a GPU kept free for XLA temporaries, the CUDA context, fragmentation
 
 
 class _MeshShape(NamedTuple):
@@ -95,8 +105,11 @@ def memory_plan(
     rules=(),
     fsdp_min_size: int = 2**18,
     activations: bool = True,
+    lora_rank: int = 0,
+    lora_targets: tuple[str, ...] = lora.ATTENTION_TARGETS,
 ) -> dict[str, Any]:
-    """The plan as a dict of bytes per device (and the inputs that produced it)."""
+    """The plan as a dict of bytes per device (and the inputs that produced it); lora_rank > 0
+    plans a LoRA run on `lora_targets` (see the module docstring)."""
     from bdpo_jax.models import UNet2DConditionModel
 
     unet_cfg = presets.real_unet_config(model_name)
@@ -151,16 +164,41 @@ def memory_plan(
         plain = UNet2DConditionModel.from_config(unet_cfg, param_dtype=jnp.float32, dtype=dtype)
         act_no_remat = _residual_bytes(plain, abstract_params, x, t, text, added)
     n_params = int(sum(np.prod(a.shape) for a in jax.tree.leaves(abstract_params)))
-    rows = {
-        "params": p_bytes,
-        "ref_params": p_bytes,
-        "opt_state": o_bytes,
-        "grads": p_bytes * (2 if grad_accum > 1 else 1),  # + the accumulator
-        "activations": act,
-    }
+    extra: dict[str, Any] = {}
+    if lora_rank:
+        spec = lora.LoraSpec(int(lora_rank), float(lora_rank), tuple(lora_targets))
+        base = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype), abstract_params)
+        adapters = lora.abstract_adapters(abstract_params, spec, jnp.float32)
+        flat = traverse_util.flatten_dict(base)
+        kernels = {"/".join(p): flat[p] for p in lora.target_paths(base, spec)}
+        a_bytes = _leaf_bytes_per_device(adapters, ms, rules, fsdp_min_size)
+        rows = {
+            "base_params": _leaf_bytes_per_device(base, ms, rules, fsdp_min_size),
+            "params": a_bytes,
+            "ref_params": a_bytes,
+            "opt_state": _leaf_bytes_per_device(
+                jax.eval_shape(tx.init, adapters), ms, rules, fsdp_min_size
+            ),
+            "grads": a_bytes * (2 if grad_accum > 1 else 1),
+            "merged_kernels": _leaf_bytes_per_device(kernels, ms, rules, fsdp_min_size),
+            "activations": act,
+        }
+        extra = {"lora_rank": int(lora_rank), "lora_targets": list(spec.targets)}
+        extra["num_adapter_params"] = lora.count(adapters)
+    else:
+        rows = {
+            "params": p_bytes,
+            "ref_params": p_bytes,
+            "opt_state": o_bytes,
+            "grads": p_bytes * (2 if grad_accum > 1 else 1),  # + the accumulator
+            "activations": act,
+        }
     rows["total"] = sum(rows.values())
     rows["activations_without_remat"] = act_no_remat  # not in the total
+    fits = {f"{gb}GB": rows["total"] <= (1 - FIT_HEADROOM) * gb * 2**30 for gb in GPU_SIZES_GB}
     return {
+        **extra,
+        "fits_one_gpu": fits,
         "model": model_name,
         "num_params": n_params,
         "mesh": list(mesh_shape),
@@ -176,15 +214,28 @@ def memory_plan(
 
 
 def format_table(plans: list[dict[str, Any]]) -> str:
-    rows = list(plans[0]["bytes_per_device"])
+    rows = list(dict.fromkeys(r for p in plans for r in p["bytes_per_device"]))
     head = ["item"] + [
-        f"{p['model']} {p['mesh']} b{p['global_batch']}/acc{p['grad_accum']}" for p in plans
+        f"{p['model']}{' LoRA r' + str(p['lora_rank']) if p.get('lora_rank') else ''} "
+        f"{p['mesh']} b{p['global_batch']}/acc{p['grad_accum']}"
+        for p in plans
     ]
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for r in rows:
-        lines.append(
-            " | ".join([r] + [f"{p['bytes_per_device'][r] / 2**30:.2f} GiB" for p in plans])
+        cells = [
+            f"{p['bytes_per_device'][r] / 2**30:.2f} GiB" if r in p["bytes_per_device"] else "-"
+            for p in plans
+        ]
+        lines.append(" | ".join([r, *cells]))
+    lines.append(
+        " | ".join(
+            [f"fits one GPU ({int(100 * FIT_HEADROOM)}% kept free)"]
+            + [
+                ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in p["fits_one_gpu"].items())
+                for p in plans
+            ]
         )
+    )
     return "\n".join(lines)
 
 
@@ -213,6 +264,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--optimizer", default="", choices=("", "adamw", "adafactor"))
     parser.add_argument("--no-remat", action="store_true")
+    parser.add_argument("--lora-rank", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
+    parser.add_argument(
+        "--lora-include-ff", action="store_true", help="LoRA on the feed-forward layers too"
+    )
     parser.add_argument("--json", default="")
 
     def run() -> None:
@@ -220,6 +275,9 @@ def main(argv: list[str] | None = None) -> None:
         mesh = parse_mesh(args.mesh)
         if args.batch < 1 or args.accum < 1:
             raise schema.ConfigError(f"--batch {args.batch}, --accum {args.accum}: must be >= 1")
+        if args.lora_rank < 0:
+            raise schema.ConfigError(f"--lora-rank {args.lora_rank}: must be >= 0")
+        targets = lora.ATTENTION_TARGETS + (lora.FF_TARGETS if args.lora_include_ff else ())
         plans = []
         for name in args.model:
             latent = args.latent or _LATENT_SIZES[name]
@@ -233,6 +291,8 @@ def main(argv: list[str] | None = None) -> None:
                     latent_size=latent,
                     optimizer=opt,
                     remat=not args.no_remat,
+                    lora_rank=args.lora_rank,
+                    lora_targets=targets,
                 )
             )
         print(format_table(plans))

@@ -35,6 +35,7 @@ from bdpo_jax import (
     data,
     grids,
     labels,
+    lora,
     metrics_writer,
     optim,
     schedules,
@@ -43,13 +44,13 @@ from bdpo_jax import (
     train_state,
     train_step,
 )
+from bdpo_jax.models.dtypes import dtype_from_name
 from bdpo_jax.schema import ConfigError
 from bdpo_jax.train_state import TrainState
 
-# (state, batch, consts) -> (state, metrics): `train_step.train_step` with its parts bound
-StepFn = Callable[
-    [TrainState, train_step.Batch, train_step.Batch], tuple[TrainState, train_step.Metrics]
-]
+# (state, batch, consts[, base]) -> (state, metrics): `train_step.train_step` with its parts
+# bound; a LoRA run also passes the frozen base params
+StepFn = Callable[..., tuple[TrainState, train_step.Metrics]]
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -79,6 +80,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"config.dpo.ref_update={config.dpo.ref_update!r}: expected one of "
             f"{train_step.REF_UPDATES}"
+        )
+    if lora.spec_from_config(config.lora) is not None and config.dpo.ref_update == "ema":
+        raise ConfigError(
+            "config.dpo.ref_update='ema' with config.lora.rank > 0: an EMA of the factors A, B "
+            "is not an EMA of the update A @ B; use 'copy'"
         )
 
 
@@ -125,6 +131,8 @@ def make_train_step(
         tx=tx,
         lr_schedule=lr_schedule,
         grad_accum_steps=int(config.optim.grad_accum_steps),
+        lora=lora.spec_from_config(config.lora),
+        ref_is_base=int(config.dpo.ref_update_every) == 0,
     )
     consts = train_step.make_consts(
         beta=float(config.dpo.beta),
@@ -143,13 +151,19 @@ def make_refresh(dpo_config: ml_collections.ConfigDict) -> Callable[[TrainState]
     return train_step.refresh_reference
 
 
-def jit_train_step(step_fn: StepFn, shardings: TrainState, mesh: Mesh) -> jax.stages.Wrapped:
+def jit_train_step(
+    step_fn: StepFn, shardings: TrainState, mesh: Mesh, base_shardings: Any = None
+) -> jax.stages.Wrapped:
     """`step_fn` jitted with explicit shardings: the state as `shardings` (donated), the batch
-    over the batch axes, the consts and the metrics replicated."""
+    over the batch axes, the consts and the metrics replicated; a LoRA run's frozen base (the
+    fourth argument) as `base_shardings`, not donated."""
     replicated = sharding.replicated(mesh)
+    in_shardings = (shardings, sharding.batch_sharding(mesh), replicated)
+    if base_shardings is not None:
+        in_shardings += (base_shardings,)
     return jax.jit(
         step_fn,
-        in_shardings=(shardings, sharding.batch_sharding(mesh), replicated),
+        in_shardings=in_shardings,
         out_shardings=(shardings, replicated),
         donate_argnums=(0,),
     )
@@ -179,8 +193,11 @@ def _initial_state(
     host_params: train_state.Params | None,
     inits: train_state.Initializers,
 ) -> TrainState:
-    """A fresh state: random init, loaded diffusers weights, or init_checkpoint's params."""
+    """A fresh state: random init, loaded diffusers weights, or init_checkpoint's params (a LoRA
+    run's fresh adapters depend on the seed only)."""
     key = jax.random.PRNGKey(int(config.seed))
+    if inits.base is not None:
+        return inits.init_random(key)
     if config.model.init_checkpoint:
         params = checkpointing.restore_params(
             config.model.init_checkpoint, inits.abstract.params, inits.shardings.params
@@ -189,6 +206,23 @@ def _initial_state(
     if host_params is not None:
         return inits.init_from_params(train_state.place_params(host_params, inits), key)
     return inits.init_random(key)
+
+
+def _frozen_base(
+    config: ml_collections.ConfigDict,
+    host_params: train_state.Params | None,
+    base: train_state.FrozenBase,
+) -> train_state.Params:
+    """A LoRA run's frozen base, built the same way on a fresh start and on resume: the params
+    of config.model.init_checkpoint, the loaded diffusers weights, or the seed's random init;
+    cast to the base dtype and sharded, once."""
+    if config.model.init_checkpoint:
+        return checkpointing.restore_params(
+            config.model.init_checkpoint, base.abstract, base.shardings
+        )
+    if host_params is not None:
+        return train_state.place_params(host_params, base)
+    return base.init_random(jax.random.PRNGKey(int(config.seed)))
 
 
 def _log_summary(
@@ -222,8 +256,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         pooled_dim=info.pooled_dim,
     )
     step_fn, tx, host_consts = make_train_step(config, info, model)
-    inits = train_state.make_initializers(model, tx, mesh, rules, int(config.mesh.fsdp_min_size))
-    jit_step = jit_train_step(step_fn, inits.shardings, mesh)
+    lora_spec = lora.spec_from_config(config.lora)
+    inits = train_state.make_initializers(
+        model,
+        tx,
+        mesh,
+        rules,
+        int(config.mesh.fsdp_min_size),
+        lora_spec=lora_spec,
+        base_dtype=dtype_from_name(config.model.compute_dtype, "config.model.compute_dtype"),
+    )
+    base_shardings = None
+    if inits.base is not None:  # merged kernels laid out as the base's
+        base_shardings = inits.base.shardings
+        step_fn = functools.partial(step_fn, base_shardings=base_shardings)
+    jit_step = jit_train_step(step_fn, inits.shardings, mesh, base_shardings)
     refresh = jit_refresh(config.dpo, inits.shardings)
     batch_sharding = sharding.batch_sharding(mesh)
     consts = jax.device_put(host_consts, sharding.replicated(mesh))
@@ -243,6 +290,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     else:
         state, position = restored
         logging.info("resumed from %s at step %d", manager.directory, int(state.step))
+    base_args: tuple[train_state.Params, ...] = ()  # the step's extra input: LoRA's frozen base
+    merge = None  # LoRA: (base, adapters) -> the UNet params (for the sample grids)
+    if inits.base is not None:
+        base_args = (_frozen_base(config, host_params, inits.base),)
+        merge = jax.jit(functools.partial(lora.merge, scale=lora_spec.scale))
     del host_params
     # this host's rows of every global batch, from the global data position on: the batches
     # are the same for any number of processes (see bdpo_jax.data.pipeline)
@@ -266,6 +318,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         progress=bool(config.train.progress_bar),
     )
     counts = train_state.param_counts(inits.abstract.params)
+    if inits.base is not None:  # trained: the adapters; frozen: the base
+        counts = {"total": counts["total"], "frozen": lora.count(inits.base.abstract)}
     _log_summary(writer, start, {f"params/{k}": v for k, v in counts.items()}, "parameters")
     log_every, ckpt_every = int(config.train.log_every), int(config.train.checkpoint_every)
     ref_every, sample_every = int(config.dpo.ref_update_every), int(config.train.sample_every)
@@ -290,9 +344,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             )
             if compiled is None:
                 t0 = time.perf_counter()
-                compiled = jit_step.lower(state, batch, consts).compile()
+                compiled = jit_step.lower(state, batch, consts, *base_args).compile()
                 _log_summary(writer, start, {"compile_seconds": time.perf_counter() - t0}, "step")
-            state, metrics = compiled(state, batch, consts)
+            state, metrics = compiled(state, batch, consts, *base_args)
             if ref_every and step % ref_every == 0:
                 state = refresh(state)
             if pending is not None:  # the previous step's metrics, while the device runs this one
@@ -304,7 +358,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 pending = None
                 checkpointing.save(manager, step, state, position, config_dict)
             if sample_every and step % sample_every == 0:
-                write_grid(state.params, host_batch, workdir, step)
+                params = state.params if merge is None else merge(*base_args, state.params)
+                write_grid(params, host_batch, workdir, step)
         if pending is not None:
             report(*pending)
     finally:

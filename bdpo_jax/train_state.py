@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from bdpo_jax import sharding
+from bdpo_jax import lora, sharding
 from bdpo_jax.models.dtypes import dtype_from_name  # config.model.param_dtype / compute_dtype
 from bdpo_jax.schema import ConfigError
 
@@ -63,8 +63,8 @@ def resolve_unet_config(
     """A diffusers UNet config dict from config.model.unet_config.
 
     "tiny:<family>" -> presets.tiny_unet_config sized to the data (channels, latent size, text
-    width); "sd15" | "sd21" | "sdxl" -> the real configs; otherwise a config.json path (or a
-    folder holding one).
+    width); a name of presets.REAL_CONFIGS ("sd15", "sd21", "sdxl", "sdxl_refiner", "lcm_sd15",
+    "kolors") -> that published config; otherwise a config.json path (or a folder holding one).
     """
     from bdpo_jax.models import presets
 
@@ -84,17 +84,20 @@ def resolve_unet_config(
                     f"config.model.unet_config={spec!r} needs pooled text embeddings; the data "
                     "has none (set data.synthetic_pooled_dim for synthetic data)"
                 )
+            num_time_ids = (  # the refiner conditions on 5 time ids (aesthetic score)
+                presets.REFINER_NUM_TIME_IDS if family == "sdxl_refiner" else presets.NUM_TIME_IDS
+            )
             cfg["projection_class_embeddings_input_dim"] = presets.sdxl_projection_dim(
-                int(pooled_dim), int(cfg["addition_time_embed_dim"])
+                int(pooled_dim), int(cfg["addition_time_embed_dim"]), num_time_ids
             )
         return cfg
-    if spec in ("sd15", "sd21", "sdxl"):
+    if spec in presets.REAL_CONFIGS:
         return dict(presets.real_unet_config(spec))
     path = os.path.join(spec, "config.json") if os.path.isdir(spec) else spec
     if not os.path.isfile(path):
         raise ConfigError(
-            f"config.model.unet_config={spec!r}: not 'tiny:<family>', 'sd15', 'sd21', 'sdxl' "
-            f"nor an existing config.json ({path} not found)"
+            f"config.model.unet_config={spec!r}: not 'tiny:<family>', one of "
+            f"{list(presets.REAL_CONFIGS)} nor an existing config.json ({path} not found)"
         )
     with open(path) as f:
         return json.load(f)
@@ -146,6 +149,12 @@ def build_model(
     return model, unet_cfg, params
 
 
+def unet_init_key(key: jax.Array) -> jax.Array:
+    """The key of a random UNet init from the run's PRNGKey(config.seed): a fully fine-tuned
+    run's initial params and a LoRA run's frozen base are the same draw."""
+    return jax.random.fold_in(key, 0)
+
+
 def init_state(
     model: nn.Module,
     tx: optax.GradientTransformation,
@@ -160,15 +169,40 @@ def init_state(
     from bdpo_jax.models import init_unet_params
 
     if params is None:
-        params = init_unet_params(model, jax.random.fold_in(key, 0))
-    ref_params = jax.tree.map(jnp.copy, params)
+        params = init_unet_params(model, unet_init_key(key))
+    return _state(params, tx, key)
+
+
+def _state(params: Params, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        ref_params=ref_params,
+        ref_params=jax.tree.map(jnp.copy, params),
         opt_state=tx.init(params),
         rng=jax.random.fold_in(key, 1),
     )
+
+
+def init_lora_state(
+    abstract_base: Params,
+    spec: lora.LoraSpec,
+    tx: optax.GradientTransformation,
+    key: jax.Array,
+    dtype: Any = jnp.float32,
+) -> TrainState:
+    """The initial state of a LoRA run: params, ref_params (a copy) and the optimizer state are
+    adapter trees (`lora.init_adapters`: the adapted model equals the base); the base's values
+    are not needed, only its shapes."""
+    adapters = lora.init_adapters(jax.random.fold_in(key, 2), abstract_base, spec, dtype)
+    return _state(adapters, tx, key)
+
+
+class FrozenBase(NamedTuple):
+    """A LoRA run's frozen UNet params: an input of the step, never donated nor checkpointed."""
+
+    abstract: Params  # jax.ShapeDtypeStruct leaves in the base dtype (the compute dtype)
+    shardings: Params  # NamedSharding leaves, by the rules params would have
+    init_random: Callable[[jax.Array], Params]  # PRNGKey(seed) -> the random init, sharded
 
 
 class Initializers(NamedTuple):
@@ -177,7 +211,8 @@ class Initializers(NamedTuple):
     abstract: TrainState  # jax.ShapeDtypeStruct leaves
     shardings: TrainState  # NamedSharding leaves: params, ref_params, opt_state by the same rules
     init_random: Callable[[jax.Array], TrainState]  # key -> state, random params, sharded
-    init_from_params: Callable[[Params, jax.Array], TrainState]  # params placed as shardings
+    init_from_params: Callable[[Params, jax.Array], TrainState] | None  # None for LoRA
+    base: FrozenBase | None = None  # LoRA: the frozen base (params are then adapters)
 
 
 def make_initializers(
@@ -186,12 +221,42 @@ def make_initializers(
     mesh: Mesh,
     rules: Sequence[tuple[str, str]] = (),
     min_size: int = 2**18,
+    lora_spec: lora.LoraSpec | None = None,
+    base_dtype: Any = None,
 ) -> Initializers:
-    """jax.eval_shape -> shardings -> jax.jit(init, out_shardings=...): no full-size host copy."""
+    """jax.eval_shape -> shardings -> jax.jit(init, out_shardings=...): no full-size host copy.
+
+    With `lora_spec` the state holds adapters and `base` describes the frozen UNet params, kept
+    in `base_dtype` (default: the model's param dtype).
+    """
     key = jax.random.PRNGKey(0)
+    repl = sharding.replicated(mesh)
+    if lora_spec is not None:
+        from bdpo_jax.models import init_unet_params
+
+        dtype = jnp.dtype(base_dtype or model.param_dtype)
+
+        def base_init(k):
+            params = init_unet_params(model, unet_init_key(k))
+            return jax.tree.map(lambda x: x.astype(dtype), params)
+
+        abstract_base = jax.eval_shape(base_init, key)
+        base_shardings = sharding.tree_shardings(abstract_base, mesh, rules, min_size)
+        base = FrozenBase(
+            abstract_base,
+            base_shardings,
+            jax.jit(base_init, in_shardings=(repl,), out_shardings=base_shardings),
+        )
+
+        def init(k):
+            return init_lora_state(abstract_base, lora_spec, tx, k, model.param_dtype)
+
+        abstract = jax.eval_shape(init, key)
+        shardings = sharding.tree_shardings(abstract, mesh, rules, min_size)
+        init_random = jax.jit(init, in_shardings=(repl,), out_shardings=shardings)
+        return Initializers(abstract, shardings, init_random, None, base)
     abstract = jax.eval_shape(lambda k: init_state(model, tx, k), key)
     shardings = sharding.tree_shardings(abstract, mesh, rules, min_size)
-    repl = sharding.replicated(mesh)
     init_random = jax.jit(
         lambda k: init_state(model, tx, k), in_shardings=(repl,), out_shardings=shardings
     )
@@ -203,13 +268,18 @@ def make_initializers(
     return Initializers(abstract, shardings, init_random, init_from_params)
 
 
-def place_params(host_params: Params, inits: Initializers) -> Params:
-    """Loaded host weights cast to the abstract params' dtypes and placed sharded."""
+def place_params(host_params: Params, inits: Initializers | FrozenBase) -> Params:
+    """Loaded host weights cast to the abstract params' dtypes and placed sharded: the state's
+    params of `Initializers`, or a LoRA run's `FrozenBase`."""
+    if isinstance(inits, Initializers):
+        abstract, shardings = inits.abstract.params, inits.shardings.params
+    else:
+        abstract, shardings = inits.abstract, inits.shardings
     return jax.tree.map(
         lambda x, a, s: jax.device_put(np.asarray(x, dtype=a.dtype), s),
         host_params,
-        inits.abstract.params,
-        inits.shardings.params,
+        abstract,
+        shardings,
     )
 
 

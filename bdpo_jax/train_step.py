@@ -26,6 +26,7 @@ import numpy as np
 import optax
 
 from bdpo_jax import labels as labels_lib
+from bdpo_jax import lora as lora_lib
 from bdpo_jax import loss as loss_lib
 from bdpo_jax import schedules
 from bdpo_jax.schema import MODEL_INPUT_FIELDS
@@ -250,26 +251,43 @@ def train_step(
     state: TrainState,
     batch: Batch,
     consts: Batch,
+    base: Params | None = None,
     *,
     loss_fn: LossFn,
     label_fn: labels_lib.LabelFn,
     tx: optax.GradientTransformation,
     lr_schedule: optax.Schedule,
     grad_accum_steps: int = 1,
+    lora: lora_lib.LoraSpec | None = None,
+    ref_is_base: bool = False,
+    base_shardings: Params | None = None,
 ) -> tuple[TrainState, Metrics]:
     """One optimiser step: labels, loss, gradient (accumulated), clip, update; scalar metrics.
 
     consts: see `make_consts`. loss_fn: `make_loss_fn`. label_fn: `labels.make_label_fn`.
+    LoRA (`lora` set): state.params / ref_params are adapters of the frozen `base` params; the
+    loss sees base + adapters merged (`lora.merge`), the gradient is the adapters' only; with
+    `ref_is_base` (no reference refresh) the reference is the base alone. `base_shardings`
+    (the base's NamedShardings) lay the merged kernels out as the base's.
     """
     rng = jax.random.fold_in(state.rng, state.step)
     k_label, k_step = jax.random.split(rng)
     label = label_fn(batch, consts["weights_K"], consts["score_std_K"], k_label)
     inputs = {k: v for k, v in batch.items() if k in MODEL_INPUT_FIELDS}
+    if lora is None:
+        policy, ref_params = (lambda p: p), state.ref_params
+    else:
+
+        def policy(adapters):
+            return lora_lib.merge(base, adapters, lora.scale, base_shardings)
+
+        ref_params = base if ref_is_base else policy(state.ref_params)
 
     def grad_fn(mb, mb_label, key):
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, state.ref_params, mb, mb_label, key, consts
-        )
+        def loss_of(params):
+            return loss_fn(policy(params), ref_params, mb, mb_label, key, consts)
+
+        (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
         return grads, {**metrics, "loss": loss}
 
     a = grad_accum_steps

@@ -27,6 +27,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.prediction_type = "epsilon"  # 'epsilon' or 'v_prediction' (SD2.1-768)
     config.model.init_checkpoint = ""  # Orbax checkpoint dir to take params from ('' = pretrained)
 
+    # --- LoRA: adapters on a frozen base instead of full fine-tuning (bdpo_jax.lora) --------
+    config.lora = ml_collections.ConfigDict()
+    config.lora.rank = 0  # adapter rank r (0 = full fine-tuning; the base is frozen when > 0)
+    config.lora.alpha = 0.0  # scale = alpha / rank (0 = rank: scale 1, as diffusers' scripts)
+    config.lora.targets = ("to_q", "to_k", "to_v", "to_out.0")  # layers, by diffusers name/suffix
+    config.lora.include_ff = False  # also adapt the feed-forward layers ff.net.0.proj, ff.net.2
+
     # --- diffusion schedule (the base model's DDPM scheduler) -------------------------------
     config.diffusion = ml_collections.ConfigDict()
     config.diffusion.num_train_timesteps = 1000  # T of the DDPM schedule
@@ -52,6 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.synthetic_text_shape = (8, 32)  # [L, D] of synthetic text embeddings
     config.data.synthetic_num_scorers = 4  # K of synthetic scores
     config.data.synthetic_pooled_dim = 0  # P of synthetic pooled embeds + add_time_ids (0 = none)
+    config.data.synthetic_num_time_ids = 6  # length of add_time_ids: 6 (SDXL, Kolors), 5 (refiner)
 
     # --- labels: how a pair's preference is decided (all from the same shards) -----------
     config.label = ml_collections.ConfigDict()

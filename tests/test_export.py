@@ -220,3 +220,110 @@ def test_cli_user_errors_are_one_line_and_exit_2(setup, tmp_path, capsys):
     assert "no such folder" in result.stderr and "Traceback" not in result.stderr
     with pytest.raises(export.ExportError, match="no such folder"):  # --debug: the traceback
         export.main([*cases["--workdir"], "--debug"])
+
+
+# --- LoRA runs: --lora (a diffusers LoRA folder) and --merge (the merged UNet) ------------------
+
+LORA_RANK, LORA_ALPHA = 4, 8.0  # alpha != rank: the scale 2 must reach diffusers
+
+
+@pytest.fixture(scope="module")
+def lora_setup(setup):
+    """A LoRA run's workdir on the tiny pipeline's UNet (its pretrained base), with trained-like
+    adapters (B != 0), and that UNet's output with the adapters merged, from the JAX model."""
+    from bdpo_jax import lora
+
+    root, base, _ = setup
+    model, base_params = load_unet(str(base), subfolder="unet")
+    spec = lora.LoraSpec(LORA_RANK, LORA_ALPHA, lora.ATTENTION_TARGETS)
+    adapters = lora.init_adapters(jax.random.key(5), base_params, spec, jnp.float32)
+    adapters = _perturb(jax.tree.map(np.asarray, adapters), 7)  # B = 0 would hide mistakes
+    work = root / "lora_work"
+    write_trainer_workdir(work, model, {3: adapters}, adapters)
+    run_config = {
+        "seed": 0,
+        "model": {"pretrained": str(base), "subfolder": "unet", "unet_config": ""},
+        "lora": {"rank": LORA_RANK, "alpha": LORA_ALPHA, "targets": list(spec.targets)},
+    }
+    (work / "config.json").write_text(json.dumps(run_config))
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    t = np.array([10, 700], np.int32)
+    text = rng.standard_normal((2, 5, 32)).astype(np.float32)
+    merged = lora.merge(base_params, adapters, spec.scale)
+    want = np.asarray(model.apply({"params": merged}, x, t, text))
+    plain = np.asarray(model.apply({"params": base_params}, x, t, text))
+    assert np.abs(want - plain).max() > 1e-2  # the adapters matter
+    return root, base, work, adapters, (x, t, text), want
+
+
+def _torch_unet_out(unet, inputs):
+    x, t, text = (torch.from_numpy(np.asarray(a)) for a in inputs)
+    with torch.no_grad():
+        return unet(x, t, encoder_hidden_states=text).sample.numpy()
+
+
+def test_lora_folder_has_peft_names_and_loads_into_diffusers_with_the_same_output(lora_setup):
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from bdpo_jax import lora
+
+    root, base, work, adapters, inputs, want = lora_setup
+    out = root / "out_lora"
+    assert export.main(["--workdir", str(work), "--lora", "--out", str(out)]) == 0
+    file = out / "pytorch_lora_weights.safetensors"
+    with safe_open(str(file), "np") as f:
+        keys, metadata = set(f.keys()), f.metadata()
+    # the names peft gives the same adapters on diffusers' UNet, with diffusers' "unet." prefix
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    unet.add_adapter(
+        LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=list(lora.ATTENTION_TARGETS))
+    )
+    assert keys == {f"unet.{k}" for k in get_peft_model_state_dict(unet)}
+    assert "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight" in keys
+    packed = json.loads(metadata["lora_adapter_metadata"])
+    assert (packed["unet.r"], packed["unet.lora_alpha"]) == (LORA_RANK, 8)
+
+    pipe = DiffusionPipeline.from_pretrained(base)
+    pipe.load_lora_weights(out)
+    got = _torch_unet_out(pipe.unet, inputs)
+    err = float(np.abs(got - want).max())
+    print(f"--lora: diffusers load_lora_weights vs JAX base+adapters: max abs diff {err:.2e}")
+    assert err <= 1e-4
+    info = json.loads((out / export.EXPORT_INFO_NAME).read_text())
+    assert (info["step"], info["lora_rank"], info["lora_alpha"]) == (3, LORA_RANK, LORA_ALPHA)
+
+
+def test_merge_writes_the_merged_unet(lora_setup):
+    root, base, work, _, inputs, want = lora_setup
+    out = root / "out_merged"
+    export.export(work, out, merge=True)
+    unet = UNet2DConditionModel.from_pretrained(out)
+    got = _torch_unet_out(unet, inputs)
+    err = float(np.abs(got - want).max())
+    print(f"--merge: diffusers merged UNet vs JAX base+adapters: max abs diff {err:.2e}")
+    assert err <= 1e-4
+    out_pipe = root / "out_merged_pipeline"  # with --base: the pipeline holding the merged UNet
+    export.export(work, out_pipe, merge=True, base=str(base))
+    assert (out_pipe / "model_index.json").is_file()
+    np.testing.assert_array_equal(
+        _unet_state(out_pipe / "unet")["conv_in.weight"], _unet_state(out)["conv_in.weight"]
+    )
+
+
+def test_lora_export_errors(setup, lora_setup, tmp_path):
+    root, base, work, _, _, _ = lora_setup
+    with pytest.raises(
+        export.ExportError, match=r"LoRA run \(config.lora.rank=4\).*--lora.*--merge"
+    ):
+        export.export(work, tmp_path / "o")
+    with pytest.raises(export.ExportError, match="--lora: .* is not a LoRA run"):
+        export.export(root / "work", tmp_path / "o", lora_folder=True)
+    with pytest.raises(export.ExportError, match="--base: a --lora folder"):
+        export.export(work, tmp_path / "o", lora_folder=True, base=str(base))
+    with pytest.raises(SystemExit) as exit_info:
+        export.main(["--workdir", str(work), "--lora", "--merge", "--out", str(tmp_path / "o")])
+    assert exit_info.value.code == 2
+    assert not (tmp_path / "o").exists()

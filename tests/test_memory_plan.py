@@ -25,6 +25,44 @@ def test_memory_plan_counts_sd15_params_and_shards_them():
     assert "params" in memory_plan.format_table([plan1, plan8])
 
 
+def test_memory_plan_lora_counts_by_hand_and_fits():
+    """SD1.5 LoRA rank 4 on to_q, to_k, to_v, to_out.0 of its 16 transformer blocks (C = 320 in
+    down_blocks_0 and up_blocks_3, 640 in down_blocks_1 and up_blocks_2, 1280 in down_blocks_2,
+    the mid block and up_blocks_1; 2, 2, 2 blocks down, 1 mid, 3, 3, 3 up): a linear in -> out
+    has r (in + out) adapter params; attn1 has four C -> C, attn2 to_q and to_out C -> C and
+    to_k, to_v 768 -> C (CLIP's text width)."""
+    r, text = 4, 768
+    blocks = {320: 2 + 3, 640: 2 + 3, 1280: 2 + 1 + 3}
+    per_block = {c: r * (4 * 2 * c + 2 * 2 * c + 2 * (text + c)) for c in blocks}
+    expected = sum(n * per_block[c] for c, n in blocks.items())
+    assert expected == 797_184  # diffusers' train_text_to_image_lora.py at rank 4: 797,184
+    kernels = sum(n * (4 * c * c + 2 * c * c + 2 * text * c) for c, n in blocks.items())
+
+    plan = memory_plan.memory_plan(
+        "sd15",
+        mesh_shape=(1, 1),
+        global_batch=2,
+        grad_accum=1,
+        latent_size=16,
+        activations=False,
+        lora_rank=r,
+    )
+    rows = plan["bytes_per_device"]
+    assert plan["num_adapter_params"] == expected
+    assert rows["base_params"] == 2 * 859_520_964  # once, in the bf16 compute dtype
+    assert rows["params"] == rows["ref_params"] == rows["grads"] == 4 * expected
+    assert 0 <= rows["opt_state"] - 2 * 4 * expected <= 16  # AdamW mu, nu (+ step counts)
+    assert rows["merged_kernels"] == 2 * kernels
+    parts = {k: v for k, v in rows.items() if k not in ("total", "activations_without_remat")}
+    assert rows["total"] == sum(parts.values())
+    assert plan["fits_one_gpu"] == {"24GB": True, "40GB": True, "80GB": True}
+    full = memory_plan.memory_plan(
+        "sd15", mesh_shape=(1, 1), global_batch=2, grad_accum=1, latent_size=16, activations=False
+    )
+    assert full["bytes_per_device"]["total"] > 5 * rows["total"]
+    assert "merged_kernels" in memory_plan.format_table([plan, full])
+
+
 def test_parse_mesh():
     assert memory_plan.parse_mesh("1,8") == (1, 8)
     for bad in ("8", "1,x", "0,8", "1,2,3", ""):
@@ -38,6 +76,7 @@ def test_cli_user_errors_are_one_line_and_exit_2(tmp_path, capsys):
         "--mesh": ["--mesh", "1x8"],
         "--batch": ["--model", "sd15", "--mesh", "1,8", "--batch", "12"],
         "--optimizer": ["--optimizer", "sgd"],
+        "--lora-rank": ["--lora-rank", "-1"],
     }
     for culprit, args in cases.items():
         with pytest.raises(SystemExit) as exit_info:

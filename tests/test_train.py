@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from bdpo_jax import checkpointing, metrics_writer, train
+from bdpo_jax import checkpointing, metrics_writer, train, train_state
+from bdpo_jax.models import presets
 from configs import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,6 +87,46 @@ def test_config_errors_are_clear(tmp_path, field, value, match):
     config[section][name] = value
     with pytest.raises(ValueError, match=match):
         train.train_and_evaluate(config, str(tmp_path))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "family,data_fields,config_fields",
+    [
+        # 5 time ids (original size, crop, aesthetic score): projection P + 5 x 8
+        ("sdxl_refiner", {"synthetic_pooled_dim": 16, "synthetic_num_time_ids": 5},
+         {"projection_class_embeddings_input_dim": 16 + 5 * presets.TINY_SDXL_TIME_EMBED_DIM}),
+        # timestep_cond left out (diffusers allows it); its projection is still trained/exported
+        ("lcm", {}, {"time_cond_proj_dim": presets.TINY_TIME_COND_PROJ_DIM}),
+        # text embeddings of width encoder_hid_dim, projected to cross_attention_dim
+        ("kolors", {"synthetic_pooled_dim": 16},
+         {"encoder_hid_dim": 32, "cross_attention_dim": presets.TINY_KOLORS_INNER_DIM}),
+    ],
+)  # fmt: skip
+def test_one_step_and_export_of_each_new_tiny_family(tmp_path, family, data_fields, config_fields):
+    from bdpo_jax import export
+
+    config = _config(1)
+    config.model.unet_config = f"tiny:{family}"
+    for name, value in data_fields.items():
+        config.data[name] = value
+    workdir = str(tmp_path / "run")
+    state = train.train_and_evaluate(config, workdir)
+    assert int(state.step) == 1
+    assert math.isfinite(metrics_writer.read_metrics(workdir)[-1]["loss"])
+    out = export.export(workdir, tmp_path / "unet")  # verifies every tensor it writes
+    with open(out / "config.json") as f:
+        written = json.load(f)
+    for name, value in config_fields.items():
+        assert written[name] == value, name
+
+
+def test_real_config_names_resolve():
+    shapes = dict(latent_shape=(4, 64, 64), text_shape=(77, 768), pooled_dim=None)
+    for name in presets.REAL_CONFIGS:
+        assert train_state.resolve_unet_config(name, **shapes) == presets.real_unet_config(name)
+    with pytest.raises(ValueError, match="'kolors2'.*lcm_sd15"):
+        train_state.resolve_unet_config("kolors2", **shapes)
 
 
 def test_missing_data_folder_is_named(tmp_path):

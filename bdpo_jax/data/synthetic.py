@@ -40,6 +40,7 @@ class SyntheticSource(grain.sources.RandomAccessDataSource):
         num_scorers: int,
         pooled_dim: int | None,
         seed: int,
+        num_time_ids: int = 6,
     ):
         if num_records < 1 or num_scorers < 1:
             raise DataConfigError(
@@ -50,6 +51,12 @@ class SyntheticSource(grain.sources.RandomAccessDataSource):
         self.latent_shape = tuple(int(x) for x in latent_shape)
         self.text_shape = tuple(int(x) for x in text_shape)
         self.pooled_dim, self.seed = pooled_dim, int(seed)
+        if num_time_ids not in (5, 6):
+            raise DataConfigError(
+                "config.data.synthetic_num_time_ids must be 6 (SDXL, Kolors) or 5 (SDXL "
+                f"refiner), got {num_time_ids}"
+            )
+        self.num_time_ids = int(num_time_ids)
         if len(self.latent_shape) != 3 or len(self.text_shape) != 2:
             raise DataConfigError(
                 "config.data.synthetic_latent_shape must be (C, H, W) and "
@@ -93,8 +100,9 @@ class SyntheticSource(grain.sources.RandomAccessDataSource):
         }
         if self.pooled_dim:
             record["pooled_text_embeds"] = rng.standard_normal(self.pooled_dim).astype(np.float16)
-            size = [8 * h, 8 * w]
-            record["add_time_ids"] = np.array(size + [0, 0] + size, np.float32)
+            size = [8 * h, 8 * w]  # original size, crop (top, left), then target size (6) or
+            last = size if self.num_time_ids == 6 else [6.0]  # the refiner's aesthetic score (5)
+            record["add_time_ids"] = np.array(size + [0, 0] + last, np.float32)
         return record
 
 
@@ -107,6 +115,7 @@ def _source_and_info(data_config, seed: int) -> tuple[SyntheticSource, DatasetIn
         num_scorers=int(data_config.synthetic_num_scorers),
         pooled_dim=pooled_dim,
         seed=seed,
+        num_time_ids=int(data_config.get("synthetic_num_time_ids", 6)),
     )
     mean_K, std_K = score_stats(source.num_scorers)
     info = DatasetInfo(
