@@ -49,7 +49,8 @@ def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     denominator = 1.0 + z2 / n
     centre = (p + z2 / (2 * n)) / denominator
     half = z / denominator * np.sqrt(p * (1.0 - p) / n + z2 / (4 * n * n))
-    return max(0.0, float(centre - half)), min(1.0, float(centre + half))
+    # the interval holds p; the clamps only absorb rounding (k = n gives 1 - 1e-16)
+    return max(0.0, min(p, float(centre - half))), min(1.0, max(p, float(centre + half)))
 
 
 def verdict(wins: int, losses: int, z: float = Z95) -> str:
