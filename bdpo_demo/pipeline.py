@@ -32,6 +32,7 @@ from bdpo_demo import measures, model, pairs, report, world
 from bdpo_jax import train
 
 SCORER_NAMES = tuple(measures.MEASURES)  # colour, shape, position, sharpness
+GRID_LABELS = {"colour": "col", "shape": "shape", "position": "pos", "sharpness": "sharp"}
 PLUGINS = "bdpo_demo.plugins"
 
 
@@ -241,7 +242,7 @@ def stage_eval(config, eval_dir: str, workdirs: dict[str, str], text_encoder, sh
         models, prompts, scorers, eval_dir, seeds=int(d.eval_seeds), base_seed=seeds[0],
         reference="base", grid_prompts=int(d.grid_prompts), bootstrap=int(d.bootstrap),
         grid_models=[m for m in grid_models(config) if m in models],
-        grid_cell_size=int(d.grid_scale) * world.IMAGE_SIZE,
+        grid_cell_size=int(d.grid_scale) * world.IMAGE_SIZE, grid_labels=GRID_LABELS,
     )  # fmt: skip
 
 

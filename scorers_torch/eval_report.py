@@ -354,7 +354,8 @@ def write_score_grid(
 ) -> Path:
     """DIR/grid.png (or `path`): `prompts` x `models` images of one seed, each with its
     scores under it, one metric a line; with a `reference` model, a score above the
-    reference's on the same prompt and seed is green, one below red."""
+    reference's on the same prompt and seed is green, one below red (as shown, 3 significant
+    digits). `abbreviations`: metric -> label (default: `metric_abbreviations`)."""
     abbreviations = dict(abbreviations or metric_abbreviations(metrics))
     lookup = {
         (r.model, r.prompt_id, r.metric): r.score
@@ -369,9 +370,12 @@ def write_score_grid(
             lines = []
             for m in metrics:
                 value, fill = lookup[(model, prompt.id, m)], "black"
-                if reference is not None and model != reference:
-                    ref = lookup[(reference, prompt.id, m)]
-                    fill = BETTER if value > ref else WORSE if value < ref else "black"
+                if reference is not None and model != reference:  # as shown: 3 digits
+                    shown, ref = (
+                        float(f"{value:.3g}"),
+                        float(f"{lookup[reference, prompt.id, m]:.3g}"),
+                    )
+                    fill = BETTER if shown > ref else WORSE if shown < ref else "black"
                 lines.append((format_scores({m: value}, abbreviations), fill))
             row_captions.append(lines)
         cells.append(row_cells)

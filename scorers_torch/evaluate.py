@@ -235,6 +235,7 @@ def evaluate(
     grid_prompts: int = 4,
     grid_models: Sequence[str] | None = None,
     grid_cell_size: int = 256,
+    grid_labels: Mapping[str, str] | None = None,
     group_by: Sequence[str] = ("Category", "Challenge"),
     run_record: Mapping[str, Mapping[str, Any]] | None = None,
     bootstrap: int = 0,
@@ -246,7 +247,8 @@ def evaluate(
     `reference` (default: the first model) is the model the chart compares against.
     `group_by`: prompt meta fields (PartiPrompts Category, Challenge) to break win rates down by.
     `run_record` (settings and specs; see `check_run_record`) guards resumed runs.
-    `grid_models` (default: all) and `grid_cell_size` (px per image) shape grid.png;
+    `grid_models` (default: all), `grid_cell_size` (px per image) and `grid_labels` (metric ->
+    short label under each image) shape grid.png;
     `bootstrap` > 0 adds a paired bootstrap over prompts (that many resamples) to every
     win-rate cell (winrates.csv, results.json).
     """
@@ -325,6 +327,7 @@ def evaluate(
         files["grid"] = eval_report.write_score_grid(
             out_dir, frame, list(grid_models or model_names), metrics,
             prompts[:grid_prompts], seed_list[0], cell_size=grid_cell_size, reference=reference,
+            abbreviations=grid_labels,
         )  # fmt: skip
     summary = {
         "num_prompts": len(prompts),

@@ -2,6 +2,7 @@
 through the real code, held-out evaluation, the summary's tables, and a rerun that repeats
 them exactly."""
 
+import copy
 import json
 import os
 
@@ -156,39 +157,46 @@ def test_generator_is_deterministic_per_seed_and_shared_across_models(demo_run):
 
 
 def test_rerun_repeats_the_tables_exactly(demo_run, tmp_path):
-    """The same command and seed on the same machine gives the same table: the evaluation
-    of every training seed again, from the same checkpoints, into a fresh folder."""
+    """The same command and seed on the same machine gives the same table: stages 3-5 of the
+    first training seed again (pairs from the base, DPO, evaluation) into a fresh folder."""
+    from bdpo_demo import plugins  # noqa: F401  (registers 'minilm')
     from scorers_torch.encoders import TEXT_ENCODERS
 
     config, out, summary = demo_run
-    workdirs = {
-        seed: {
-            pipeline.parse_run(e)[0]: os.path.join(
-                pipeline.seed_dir(out, config, seed), "runs", pipeline.parse_run(e)[0]
-            )
-            for e in config.demo.runs
-        }
-        for seed in summary_seeds(config)
-    }
+    config = copy.deepcopy(config)
+    config.demo.train_seeds = 1
+    seed, base = config.demo.seed, os.path.join(out, "runs", "base")
     encoder = TEXT_ENCODERS.build("minilm")
-    base = os.path.join(out, "runs", "base")
-    results = pipeline.evaluate_seeds(config, str(tmp_path), base, workdirs, encoder, {})
+    pair_manifest = pipeline.stage_pairs(config, str(tmp_path), base, encoder, seed)
+    unet_config = os.path.join(out, "unet_config.json")
+    runs = pipeline.stage_dpo(config, str(tmp_path), unet_config, base, {}, seed)
+    results = pipeline.evaluate_seeds(config, str(tmp_path), base, {seed: runs}, encoder, {})
     again = report.build_summary(
-        config, results, list(workdirs[config.demo.seed]), pipeline.eval_prompts(config),
-        {"counts": summary["sft_counts"]},
-        {s: {"counts": summary["pair_counts"][str(s)], "agreement": {"with_majority": {}}}
-         for s in summary_seeds(config)},
-        {},
+        config, results, list(runs), pipeline.eval_prompts(config),
+        {"counts": summary["sft_counts"]}, {seed: pair_manifest}, {},
     )  # fmt: skip
 
-    def text(tables):  # JSON text: NaN (every prompt tied) compares equal to itself
-        return json.dumps(tables, sort_keys=True)
+    def text(value):  # JSON text: NaN (every prompt tied) compares equal to itself
+        return json.dumps(value, sort_keys=True)
 
-    assert text(report.tables(again)) == text(report.tables(summary))
-    with open(os.path.join(out, "summary.json")) as f:
+    assert again["pair_counts"][str(seed)] == summary["pair_counts"][str(seed)]
+    for key, cell in summary["winrates_vs_base"].items():
+        assert text(again["winrates_vs_base"][key]["per_seed"]) == text(
+            {str(seed): cell["per_seed"][str(seed)]}
+        )
+    means, means_again = summary["mean_scores"], again["mean_scores"]
+    for kind in ("clean_renders", "flawed_renders", "base_samples"):
+        assert means_again[kind] == means[kind]
+    for run in runs:
+        assert (
+            means_again["runs"][run]["per_seed"][str(seed)]
+            == (means["runs"][run]["per_seed"][str(seed)])
+        )
+    for name in ("winrates.csv", "means.csv"):
+        first = open(os.path.join(out, "eval", name)).read()
+        assert first == open(os.path.join(tmp_path, "eval", name)).read()
+    with open(os.path.join(out, "summary.json")) as f:  # what a script reads back
         assert text(report.tables(json.load(f))) == text(report.tables(summary))
-    first = os.path.join(out, "eval", "winrates.csv")
-    assert open(first).read() == open(os.path.join(tmp_path, "eval", "winrates.csv")).read()
 
 
 def test_parse_run_and_bad_entries():
