@@ -1,6 +1,8 @@
-"""python -m bdpo_demo --out demo_out [--ci] [--seed N] [--config.demo.x=v ...] [--debug]
+"""python -m bdpo_demo --out demo_out [--ci] [--seed S] [--seeds N] [--config.demo.x=v ...]
 
-Runs the whole CPU demo (see bdpo_demo/pipeline.py); `--ci` uses configs/demo_ci.py. A bad
+Runs the whole CPU demo (see bdpo_demo/pipeline.py); `--ci` uses configs/demo_ci.py. `--seeds
+N` trains the base once, then repeats the on-policy pairs, the DPO runs and the evaluation for
+the training seeds S .. S + N - 1 and reports each cell's mean, range and verdict count. A bad
 flag or an unwritable --out is one line on stderr and exit code 2 (--debug: the traceback).
 """
 
@@ -68,6 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default="demo_out", help="output folder")
     p.add_argument("--ci", action="store_true", help="the CI size (configs/demo_ci.py)")
     p.add_argument("--seed", type=int, default=None, help="config.demo.seed")
+    p.add_argument("--seeds", type=int, default=None, help="config.demo.train_seeds (>= 1)")
 
     def run() -> dict:
         args, overrides = p.parse_known_args(argv)
@@ -76,6 +79,10 @@ def main(argv: list[str] | None = None) -> dict:
         config = (demo_ci if args.ci else demo).get_config()
         if args.seed is not None:
             config.demo.seed = args.seed
+        if args.seeds is not None:
+            if args.seeds < 1:
+                raise schema.UserError(f"--seeds {args.seeds}: need at least one training seed")
+            config.demo.train_seeds = args.seeds
         for item in overrides:
             apply_override(config, item)
         check_out(args.out)

@@ -59,11 +59,19 @@ def write_pair_file(
     return path
 
 
-def write_sft_file(out_dir: str, per_prompt: int, rates: world.FlawRates, seed: int) -> str:
-    """Flawed renders of every world prompt, `per_prompt` each, shuffled; returns the JSONL."""
+def write_sft_file(
+    out_dir: str,
+    per_prompt: int,
+    rates: world.FlawRates,
+    seed: int,
+    specs: Sequence[world.Spec] | None = None,
+) -> str:
+    """Flawed renders of `specs` (default: every world prompt), `per_prompt` each, shuffled;
+    returns the JSONL."""
     rng = np.random.default_rng(seed)
     prompts, images = [], []
-    for spec in tqdm(world.all_specs() * per_prompt, desc="render", unit="img", disable=None):
+    specs = world.all_specs() if specs is None else list(specs)
+    for spec in tqdm(specs * per_prompt, desc="render", unit="img", disable=None):
         prompts.append(spec.prompt)
         images.append(to_pil(world.render_flawed(spec, rates, rng)))
     order = rng.permutation(len(prompts))

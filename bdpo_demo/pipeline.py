@@ -1,32 +1,38 @@
 """The demo end to end, each stage through the project's real code paths.
 
-1. world   flawed renders of the 180 world prompts -> generic JSONL -> scorers_torch.preprocess
-           (identity latents, MiniLM text, the four demo scorers) -> shards/sft
+1. world   flawed renders of the 72 training prompts (world.split_specs) -> generic JSONL ->
+           scorers_torch.preprocess (identity latents, MiniLM text, the four demo scorers)
+           -> shards/sft
 2. base    bdpo_jax.train (label mode 'sft') from scratch -> runs/base
-3. pairs   2 samples per prompt from the base (JAX DDIM + CFG) -> generic JSONL -> preprocess
-           -> shards/pairs (scores, votes, majority labels)
+3. pairs   2 samples per training prompt from the base (JAX DDIM + CFG) -> generic JSONL ->
+           preprocess -> shards/pairs (scores, votes, majority labels)
 4. dpo     one bdpo_jax.train run per entry of config.demo.runs, from the base checkpoint
-5. eval    scorers_torch.evaluate.evaluate: best-of-seeds win rates vs the base, chart, grid
-Outputs under OUT; OUT/summary.md holds the win-rate table, the seed and the time per stage.
+5. eval    scorers_torch.evaluate.evaluate on held-out prompts: best-of-seeds win rates vs
+           the base with 95% intervals and verdicts, chart, grid
+With config.demo.train_seeds = N > 1 (--seeds N), stages 3-5 repeat for the training seeds
+seed, seed + 1, ... from the one base; seed + i > seed writes under OUT/seed_<seed + i>/.
+Outputs under OUT; OUT/summary.md and .json (bdpo_demo.report) hold the tables.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import os
+import shutil
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 
-from bdpo_demo import model, pairs, world
+from bdpo_demo import measures, model, pairs, report, world
 from bdpo_jax import train
 
-SCORER_NAMES = ("colour", "shape", "position", "sharpness")
+SCORER_NAMES = tuple(measures.MEASURES)  # colour, shape, position, sharpness
+GRID_LABELS = {"colour": "col", "shape": "shape", "position": "pos", "sharpness": "sharp"}
 PLUGINS = "bdpo_demo.plugins"
 
 
@@ -63,13 +69,18 @@ def preprocess(jsonl: str, out: str, batch_size: int = 64) -> dict:
 
 
 def train_config(
-    config: ml_collections.ConfigDict, data_path: str, unet_config: str, **fields: Any
+    config: ml_collections.ConfigDict,
+    data_path: str,
+    unet_config: str,
+    seed: int | None = None,
+    **fields: Any,
 ) -> ml_collections.ConfigDict:
-    """A trainer config: the demo's shared fields plus `fields` ('section.name': value)."""
+    """A trainer config: the demo's shared fields plus `fields` ('section.name': value);
+    `seed` (default config.demo.seed) seeds the trainer."""
     cfg = copy.deepcopy(config)
     with cfg.unlocked():
         del cfg["demo"]
-    cfg.seed = int(config.demo.seed)
+    cfg.seed = int(config.demo.seed if seed is None else seed)
     cfg.model.unet_config = unet_config
     cfg.data.path = data_path
     for key, value in fields.items():
@@ -78,10 +89,12 @@ def train_config(
     return cfg
 
 
-def dpo_config(config, name_spec: dict, data_path: str, unet_config: str, base: str):
+def dpo_config(
+    config, name_spec: dict, data_path: str, unet_config: str, base: str, seed: int | None = None
+):
     d = config.demo
     return train_config(
-        config, data_path, unet_config,
+        config, data_path, unet_config, seed,
         **{
             "model.init_checkpoint": base, "label.mode": name_spec["mode"],
             "label.scorer": name_spec["scorer"], "dpo.beta": float(d.beta),
@@ -92,11 +105,28 @@ def dpo_config(config, name_spec: dict, data_path: str, unet_config: str, base: 
     )  # fmt: skip
 
 
-def spread_prompts(count: int) -> list[str]:
-    """`count` world prompts spread evenly over the world's fixed order."""
-    specs = world.all_specs()
+def spread_prompts(count: int, specs: list[world.Spec] | None = None) -> list[str]:
+    """`count` prompts of `specs` (default: the whole world) spread evenly over their order."""
+    specs = world.all_specs() if specs is None else specs
     idx = np.linspace(0, len(specs) - 1, min(count, len(specs))).round().astype(int)
     return [specs[i].prompt for i in idx]
+
+
+def eval_prompts(config) -> list[str]:
+    """config.demo.eval_prompts held-out prompts (0 = all 108), spread over the held-out set."""
+    heldout = world.split_specs()[1]
+    return spread_prompts(int(config.demo.eval_prompts) or len(heldout), heldout)
+
+
+def train_seeds(config) -> list[int]:
+    """The training seeds: config.demo.seed + 0 .. train_seeds - 1."""
+    return [int(config.demo.seed) + i for i in range(max(1, int(config.demo.train_seeds)))]
+
+
+def seed_dir(out: str, config, seed: int) -> str:
+    """Where one training seed's pairs, DPO runs and evaluation go: OUT for the first seed
+    (the layout of a one-seed run), OUT/seed_<seed> for the others."""
+    return out if seed == int(config.demo.seed) else os.path.join(out, f"seed_{seed}")
 
 
 def make_generator(workdir: str, config, text_encoder) -> Any:
@@ -121,7 +151,7 @@ def stage_world(config, out: str) -> dict:
     rate = float(d.flaw_rate)
     rates = world.FlawRates(colour=rate, shape=rate, position=rate, blur=rate)
     jsonl = pairs.write_sft_file(os.path.join(out, "data", "sft"), int(d.sft_per_prompt), rates,
-                                 int(d.seed))  # fmt: skip
+                                 int(d.seed), world.split_specs()[0])  # fmt: skip
     return preprocess(jsonl, os.path.join(out, "shards", "sft"))
 
 
@@ -140,11 +170,13 @@ def stage_base(config, out: str, unet_config: str) -> str:
     return workdir
 
 
-def stage_pairs(config, out: str, base: str, text_encoder) -> dict:
+def stage_pairs(config, out: str, base: str, text_encoder, seed: int) -> dict:
+    """On-policy pairs for training seed `seed` into OUT/data/pairs and OUT/shards/pairs."""
     d = config.demo
-    count = int(d.pair_prompts) or len(world.all_specs())
-    prompts = spread_prompts(count) * int(d.pairs_per_prompt)
-    first = 1_000_000 + 1000 * int(d.seed)  # disjoint from the evaluation seeds
+    train_specs = world.split_specs()[0]
+    count = int(d.pair_prompts) or len(train_specs)
+    prompts = spread_prompts(count, train_specs) * int(d.pairs_per_prompt)
+    first = 1_000_000 + 1000 * seed  # disjoint from the evaluation seeds
     seeds = [first + 2 * i for i in range(len(prompts))]
     generator = make_generator(base, config, text_encoder)
     images = generator.generate(prompts * 2, seeds + [s + 1 for s in seeds])
@@ -155,47 +187,84 @@ def stage_pairs(config, out: str, base: str, text_encoder) -> dict:
     return preprocess(jsonl, os.path.join(out, "shards", "pairs"))
 
 
-def stage_dpo(config, out: str, unet_config: str, base: str, timings: dict) -> dict[str, str]:
+def stage_dpo(
+    config, out: str, unet_config: str, base: str, timings: dict, seed: int, tag: str = ""
+) -> dict[str, str]:
     workdirs = {}
     for entry in config.demo.runs:
         name, spec = parse_run(entry)
-        banner(f"stage 4: DPO run {name!r} ({entry})")
-        cfg = dpo_config(config, spec, os.path.join(out, "shards", "pairs"), unet_config, base)
+        banner(f"stage 4: DPO run {name!r} ({entry}), training seed {seed}")
+        cfg = dpo_config(
+            config, spec, os.path.join(out, "shards", "pairs"), unet_config, base, seed
+        )
         workdirs[name] = os.path.join(out, "runs", name)
         _timed(
-            timings, f"dpo:{name}", lambda c=cfg, w=workdirs[name]: train.train_and_evaluate(c, w)
+            timings,
+            f"dpo:{name}{tag}",
+            lambda c=cfg, w=workdirs[name]: train.train_and_evaluate(c, w),
         )
     return workdirs
 
 
-def stage_eval(config, out: str, workdirs: dict[str, str], text_encoder):
+def grid_models(config) -> list[str]:
+    """The grid's columns: the base, BalancedDPO (majority with reference updates) and every
+    single-scorer run, in config.demo.runs order."""
+    names = []
+    for entry in config.demo.runs:
+        name, spec = parse_run(entry)
+        if (spec["mode"] == "majority" and spec["ref"]) or spec["mode"] == "single":
+            names.append(name)
+    return ["base", *names]
+
+
+def stage_eval(config, eval_dir: str, workdirs: dict[str, str], text_encoder, share_from=""):
+    """Best-of-seeds evaluation of {"base": ..., run: ...} on the held-out prompts into
+    `eval_dir`; `share_from` (an earlier eval folder of the same base) lends its base images,
+    so extra training seeds do not sample the base again."""
     from scorers_torch.evaluate import evaluate
+    from scorers_torch.generate import image_path
     from scorers_torch.scorers.base import build_scorers
 
     d = config.demo
+    prompts = eval_prompts(config)
+    seeds = [int(d.seed) * 1000 + i for i in range(int(d.eval_seeds))]
+    if share_from:
+        for i in range(len(prompts)):
+            for seed in seeds:
+                src = image_path(Path(share_from), "base", f"{i:05d}", seed)
+                dst = image_path(Path(eval_dir), "base", f"{i:05d}", seed)
+                if src.exists() and not dst.exists():
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(src, dst)
     models = {name: make_generator(w, config, text_encoder) for name, w in workdirs.items()}
     scorers = build_scorers({name: {} for name in SCORER_NAMES})
     return evaluate(
-        models, spread_prompts(int(d.eval_prompts)), scorers, os.path.join(out, "eval"),
-        seeds=int(d.eval_seeds), base_seed=int(d.seed) * 1000, reference="base",
-        grid_prompts=int(d.grid_prompts),
+        models, prompts, scorers, eval_dir, seeds=int(d.eval_seeds), base_seed=seeds[0],
+        reference="base", grid_prompts=int(d.grid_prompts), bootstrap=int(d.bootstrap),
+        grid_models=[m for m in grid_models(config) if m in models],
+        grid_cell_size=int(d.grid_scale) * world.IMAGE_SIZE, grid_labels=GRID_LABELS,
     )  # fmt: skip
 
 
-def winrate_table(results, runs: list[str]) -> str:
-    """Markdown: run x metric win rate (%) vs the base, ties in brackets."""
-    by = {(p.model_a, p.metric): p for p in results.pairs if p.model_b == "base"}
-    lines = [
-        "| run vs base | " + " | ".join(SCORER_NAMES) + " |",
-        "|---" * (len(SCORER_NAMES) + 1) + "|",
-    ]
-    for run in runs:
-        cells = []
-        for metric in SCORER_NAMES:
-            p = by[run, metric]
-            cells.append(f"{100 * p.win_rate:.1f} ({100 * p.tie_rate:.0f})")
-        lines.append(f"| {run} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def evaluate_seeds(
+    config, out: str, base: str, workdirs: dict[int, dict[str, str]], text_encoder, timings
+) -> dict[int, Any]:
+    """stage 5 for every training seed (`workdirs`: seed -> run name -> workdir); returns
+    seed -> EvalResults. The base's images are sampled once (first seed's folder)."""
+    results, first = {}, ""
+    for seed, runs in workdirs.items():
+        eval_dir = os.path.join(seed_dir(out, config, seed), "eval")
+        tag = "" if not first else f" (seed {seed})"
+        banner(f"stage 5: evaluation{tag} (best of seeds, win rates vs base)")
+        results[seed] = _timed(
+            timings,
+            f"5 eval{tag}",
+            lambda e=eval_dir, r=runs, f=first: stage_eval(
+                config, e, {"base": base, **r}, text_encoder, f
+            ),
+        )
+        first = first or eval_dir
+    return results
 
 
 def run(
@@ -224,67 +293,24 @@ def run(
     sft_manifest = _timed(timings, "1 world + preprocess", lambda: stage_world(config, out))
     banner("stage 2: base model (SFT from scratch through bdpo_jax.train)")
     base = _timed(timings, "2 base SFT", lambda: stage_base(config, out, unet_config))
-    banner("stage 3: on-policy pairs from the base -> preprocessing CLI -> shards/pairs")
-    pair_manifest = _timed(timings, "3 pairs", lambda: stage_pairs(config, out, base, text_encoder))
-    workdirs = stage_dpo(config, out, unet_config, base, timings)
-    banner("stage 5: evaluation (best of seeds, win rates vs base)")
-    results = _timed(
-        timings,
-        "5 eval",
-        lambda: stage_eval(config, out, {"base": base, **workdirs}, text_encoder),
-    )
+    pair_manifests, workdirs = {}, {}
+    for i, seed in enumerate(train_seeds(config)):
+        folder, tag = seed_dir(out, config, seed), "" if i == 0 else f" (seed {seed})"
+        banner(f"stage 3: on-policy pairs from the base, training seed {seed} -> shards/pairs")
+        pair_manifests[seed] = _timed(
+            timings,
+            f"3 pairs{tag}",
+            lambda f=folder, s=seed: stage_pairs(config, f, base, text_encoder, s),
+        )
+        workdirs[seed] = stage_dpo(config, folder, unet_config, base, timings, seed, tag)
+    results = evaluate_seeds(config, out, base, workdirs, text_encoder, timings)
     timings["total"] = time.perf_counter() - t0
-    table = winrate_table(results, list(workdirs))
-    summary = {
-        "seed": int(config.demo.seed),
-        "timings_s": {k: round(v, 1) for k, v in timings.items()},
-        "sft_counts": sft_manifest["counts"],
-        "pair_counts": pair_manifest["counts"],
-        "pair_agreement_with_majority": pair_manifest["agreement"]["with_majority"],
-        "winrates_vs_base": {
-            f"{p.model_a}/{p.metric}": {"win": p.win_rate, "tie": p.tie_rate, "n": p.n}
-            for p in results.pairs
-            if p.model_b == "base"
-        },
-        "files": {k: str(v) for k, v in results.files.items()},
-    }
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    write_summary_md(out, config, table, summary, results)
-    banner("win rate (%) vs base, best of seeds (ties in brackets)")
-    print(table, flush=True)
+    summary = report.build_summary(
+        config, results, list(workdirs[train_seeds(config)[0]]), eval_prompts(config),
+        sft_manifest, pair_manifests, timings,
+    )  # fmt: skip
+    report.write_summary(out, config, summary, results)
+    banner("win rate (%) vs base, best of seeds")
+    print(report.winrate_table(summary), flush=True)
     print(f"\nwall time {timings['total']:.0f} s; summary: {os.path.join(out, 'summary.md')}")
     return summary
-
-
-def write_summary_md(out: str, config, table: str, summary: dict, results) -> None:
-    d = config.demo
-    lines = [
-        "# BalancedDPO CPU demo",
-        "",
-        f"seed {summary['seed']}; {d.eval_prompts} prompts x {d.eval_seeds} seeds; "
-        f"best-of-seeds win rate (%) vs the base, strictly greater; ties (%) in brackets.",
-        "",
-        table,
-        "",
-        "## Mean scores",
-        "",
-        results.files["means_md"].read_text(encoding="utf-8"),
-        "## On-policy pairs",
-        "",
-        f"counts: {json.dumps(summary['pair_counts'])}",
-        "",
-        "agreement of each scorer's vote with the majority: "
-        + json.dumps(summary["pair_agreement_with_majority"]),
-        "",
-        "## Wall time per stage (s)",
-        "",
-        *[f"- {k}: {v:.1f}" for k, v in summary["timings_s"].items()],
-        "",
-        "## Files",
-        "",
-        *[f"- {k}: {v}" for k, v in summary["files"].items()],
-        "",
-    ]
-    with open(os.path.join(out, "summary.md"), "w") as f:
-        f.write("\n".join(lines))

@@ -7,6 +7,10 @@ A prompt names an object colour, a shape, a background and a position:
 `render` draws the prompt at 32x32 (anti-aliased by 4x supersampling). `render_flawed`
 draws a training image that is wrong in independent ways with given probabilities (wrong
 colour, wrong shape, wrong place, blurred), the imperfect data the demo's base model learns.
+
+`split_specs` divides the 180 prompts into 72 training prompts (SFT data and on-policy pairs)
+and 108 held-out prompts (evaluation only): every colour/shape/background is seen at 2 of the
+5 positions, rotating, so each held-out prompt is a new combination of seen words.
 """
 
 from __future__ import annotations
@@ -61,6 +65,28 @@ def all_specs() -> list[Spec]:
         Spec(c, s, b, p)
         for c, s, b, p in itertools.product(OBJECT_COLOURS, SHAPES, BACKGROUNDS, POSITIONS)
     ]
+
+
+TRAIN_POSITIONS = 2  # of the 5 positions, per (colour, shape, background), seen in training
+
+
+def split_specs() -> tuple[list[Spec], list[Spec]]:
+    """(training, held-out) prompts, each in `all_specs` order; fixed, independent of seeds.
+
+    (colour c, shape s, background b) is trained at positions k and k + 1 (mod 5), k = (c + s
+    + b) mod 5, and held out at the other three. As c, s or b alone varies, k takes every
+    value, so every pair of words (colour with position, shape with background, ...) occurs
+    in training; a held-out prompt's (colour, shape, background) never sits at that position
+    in training. 36 x 2 = 72 training prompts, 108 held out.
+    """
+    colours, backgrounds, positions = list(OBJECT_COLOURS), list(BACKGROUNDS), list(POSITIONS)
+    train, heldout = [], []
+    for spec in all_specs():
+        k = (colours.index(spec.colour) + SHAPES.index(spec.shape)) % len(positions)
+        k = (k + backgrounds.index(spec.background)) % len(positions)
+        offset = (positions.index(spec.position) - k) % len(positions)
+        (train if offset < TRAIN_POSITIONS else heldout).append(spec)
+    return train, heldout
 
 
 def parse_prompt(prompt: str) -> Spec:

@@ -48,7 +48,8 @@ def get_config() -> ml_collections.ConfigDict:
     d.seed = 0  # seeds rendering, training, sampling and evaluation
     d.channels = (16, 32, 32)  # UNet block_out_channels (attention at 16x16 and 8x8)
     # stage 1-2: flawed renders and the base SFT run
-    d.sft_per_prompt = 8  # flawed renders per world prompt (180 prompts)
+    d.train_seeds = 1  # --seeds N: pairs + DPO runs for seeds seed .. seed + N - 1, one base
+    d.sft_per_prompt = 20  # flawed renders per training prompt (72 of the 180: world.split_specs)
     d.flaw_rate = 0.45  # probability of each flaw (colour, shape, position, blur), independent
     # the 15-minute budget on 2 cores sets the sizes below: the base gets backgrounds and
     # colours roughly right but draws blobs rather than shapes (measured, seed 0)
@@ -57,8 +58,8 @@ def get_config() -> ml_collections.ConfigDict:
     d.base_lr = 1e-3  # SFT Adam learning rate
     d.base_warmup = 20  # SFT warm-up steps
     # stage 3: on-policy pairs
-    d.pair_prompts = 0  # world prompts to sample pairs for (0 = all 180; spread evenly)
-    d.pairs_per_prompt = 1  # pairs sampled per prompt (2 images each, different seeds)
+    d.pair_prompts = 0  # training prompts to sample pairs for (0 = all 72; spread evenly)
+    d.pairs_per_prompt = 2  # pairs sampled per prompt (2 images each, different seeds)
     d.sample_steps = 6  # DDIM steps for pair sampling and evaluation
     d.guidance = 3.0  # classifier-free guidance scale
     d.sample_batch = 50  # images per sampler call (fixed: one compile)
@@ -81,7 +82,9 @@ def get_config() -> ml_collections.ConfigDict:
         "balanced_noref=majority-noref",
     )
     # stage 5: evaluation (the paper's protocol: best of `eval_seeds`, win rates vs base)
-    d.eval_prompts = 30  # prompts, spread over the world (every 180/N-th prompt)
+    d.eval_prompts = 100  # held-out prompts (never in SFT or pair data), spread; 0 = all 108
     d.eval_seeds = 5  # images per prompt and model
-    d.grid_prompts = 6  # prompts in the image grid
+    d.bootstrap = 2000  # paired bootstrap resamples per win-rate cell (winrates.csv; 0 = off)
+    d.grid_prompts = 6  # prompts in the image grid (base, balanced, single-scorer runs)
+    d.grid_scale = 4  # grid cells: 32 px images enlarged 4x without smoothing
     return config

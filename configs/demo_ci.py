@@ -19,8 +19,9 @@ def get_config():
     d.dpo_batch = 8  # divisible by the 8 fake CPU devices of the tests
     d.ref_update_every = 2
     d.runs = ("balanced=majority",)
-    d.eval_prompts = 6
+    d.eval_prompts = 6  # of the 108 held-out prompts
     d.eval_seeds = 2
+    d.bootstrap = 200
     d.grid_prompts = 2
     config.train.log_every = 2
     return config

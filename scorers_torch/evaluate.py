@@ -233,8 +233,12 @@ def evaluate(
     reference: str | None = None,
     tie_tol: float = 0.0,
     grid_prompts: int = 4,
+    grid_models: Sequence[str] | None = None,
+    grid_cell_size: int = 256,
+    grid_labels: Mapping[str, str] | None = None,
     group_by: Sequence[str] = ("Category", "Challenge"),
     run_record: Mapping[str, Mapping[str, Any]] | None = None,
+    bootstrap: int = 0,
 ) -> EvalResults:
     """Generate `seeds` images per prompt and model, score them, and write the tables.
 
@@ -243,6 +247,10 @@ def evaluate(
     `reference` (default: the first model) is the model the chart compares against.
     `group_by`: prompt meta fields (PartiPrompts Category, Challenge) to break win rates down by.
     `run_record` (settings and specs; see `check_run_record`) guards resumed runs.
+    `grid_models` (default: all), `grid_cell_size` (px per image) and `grid_labels` (metric ->
+    short label under each image) shape grid.png;
+    `bootstrap` > 0 adds a paired bootstrap over prompts (that many resamples) to every
+    win-rate cell (winrates.csv, results.json).
     """
     out_dir = Path(out_dir)
     prompts = _as_prompts(prompts)
@@ -287,7 +295,7 @@ def evaluate(
         metrics=metrics,
     )
     pair_list = winrate.default_pairs(model_names, reference)
-    pairs = winrate.pairwise_win_rates(best, pair_list, tie_tol)
+    pairs = winrate.pairwise_win_rates(best, pair_list, tie_tol, bootstrap=bootstrap)
     means = winrate.mean_scores(frame["model"], frame["metric"], frame["score"], best)
     groups = {}
     for group_field in group_by:
@@ -317,8 +325,10 @@ def evaluate(
         )
     if grid_prompts > 0:
         files["grid"] = eval_report.write_score_grid(
-            out_dir, frame, model_names, metrics, prompts[:grid_prompts], seed_list[0]
-        )
+            out_dir, frame, list(grid_models or model_names), metrics,
+            prompts[:grid_prompts], seed_list[0], cell_size=grid_cell_size, reference=reference,
+            abbreviations=grid_labels,
+        )  # fmt: skip
     summary = {
         "num_prompts": len(prompts),
         "seeds": seed_list,
@@ -327,6 +337,8 @@ def evaluate(
         "reference": reference,
         "tie_tol": tie_tol,
         "win_rule": "strictly greater best-of-seeds score; ties reported separately",
+        "verdict_rule": eval_report.VERDICT_NOTE,
+        "bootstrap_resamples": bootstrap,
         "pairs": [r.as_dict() for r in pairs],
         "means": [r.as_dict() for r in means],
     }
@@ -410,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--grid-prompts", type=int, default=4, help="prompts shown in grid.png (0 = none)")
     add("--reference", default=None, help="model the chart compares against (default: first)")
     add("--tie-tol", type=float, default=0.0, help="|best_A - best_B| <= tol counts as a tie")
+    add("--bootstrap", type=int, default=0, help="paired bootstrap resamples per cell (0: off)")
     return parser
 
 
@@ -464,6 +477,7 @@ def _run(args: argparse.Namespace) -> EvalResults:
         tie_tol=args.tie_tol,
         grid_prompts=args.grid_prompts,
         run_record=record,
+        bootstrap=args.bootstrap,
     )
     print(results.files["winrates_md"].read_text(encoding="utf-8"))
     print(results.files["means_md"].read_text(encoding="utf-8"))

@@ -5,14 +5,74 @@ and prompt, a model's score is the best of its seeds. Model A beats model B on a
 A's best is strictly greater than B's best; equal bests (within `tie_tol`) are ties, reported
 separately. `win_rate` counts only strict wins (the paper's rule); `win_rate_half_ties` counts a
 tie as half a win (PickScore's evaluation).
+
+Uncertainty and the verdict rule (one rule for every table of this project):
+
+- interval: the 95% Wilson score interval of the strict win share wins / n, n = the number
+  of prompts (ties count as non-wins, as in the paper's win rate);
+- verdict: the same Wilson interval on the decisive share wins / (wins + losses), ties
+  excluded (a sign test): "win" when its lower bound is > 0.5, "loss" when its upper bound is
+  < 0.5, else "inconclusive" (also when every prompt ties). Ties are left out of the verdict
+  because a model identical to the reference ties on every prompt: with ties counted as
+  non-wins it would read as a "loss"; without ties the two shares and intervals coincide.
+- optionally, a paired bootstrap over prompts (`paired_bootstrap`: resample the prompts with
+  replacement, A's and B's bests stay together) gives percentile intervals of both shares.
+
+Every cell is its own 95% test: among 32 cells of one table about 1.6 verdicts are expected
+to be wrong by chance alone, which is why the demo repeats its training over seeds.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+Z95 = 1.959963984540054  # the 97.5% quantile of the standard normal: two-sided 95% intervals
+VERDICTS = ("win", "loss", "inconclusive")
+
+
+def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a binomial share k / n; (nan, nan) when n = 0.
+
+    centre = (p + z^2 / 2n) / (1 + z^2 / n), half = z / (1 + z^2 / n) * sqrt(p (1 - p) / n +
+    z^2 / 4n^2), p = k / n. Unlike p +- z sqrt(p (1 - p) / n) it stays inside [0, 1] and is
+    not empty at k = 0 or k = n.
+    """
+    if not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
+    if n == 0:
+        return float("nan"), float("nan")
+    p, z2 = k / n, z * z
+    denominator = 1.0 + z2 / n
+    centre = (p + z2 / (2 * n)) / denominator
+    half = z / denominator * np.sqrt(p * (1.0 - p) / n + z2 / (4 * n * n))
+    # the interval holds p; the clamps only absorb rounding (k = n gives 1 - 1e-16)
+    return max(0.0, min(p, float(centre - half))), min(1.0, max(p, float(centre + half)))
+
+
+def verdict(wins: int, losses: int, z: float = Z95) -> str:
+    """'win' / 'loss' / 'inconclusive': is 0.5 outside the Wilson interval of wins / (wins +
+    losses)? Ties do not enter (see the module docstring); no decisive prompt: inconclusive."""
+    low, high = wilson_interval(wins, wins + losses, z)
+    if low > 0.5:
+        return "win"
+    if high < 0.5:
+        return "loss"
+    return "inconclusive"
+
+
+@dataclass(frozen=True)
+class BootstrapInterval:
+    """Percentile intervals of the strict win share and the decisive share over resamples."""
+
+    win_low: float
+    win_high: float
+    decisive_low: float
+    decisive_high: float
+    num_resamples: int
 
 
 @dataclass(frozen=True)
@@ -59,6 +119,7 @@ class PairResult:
     wins: int
     ties: int
     losses: int
+    bootstrap: BootstrapInterval | None = None
 
     def _rate(self, count: float) -> float:
         return count / self.n if self.n else float("nan")
@@ -81,7 +142,28 @@ class PairResult:
         """(wins + 0.5 ties) / n, as PickScore's evaluation counts ties."""
         return self._rate(self.wins + 0.5 * self.ties)
 
+    @property
+    def win_interval(self) -> tuple[float, float]:
+        """95% Wilson interval of `win_rate` (n = all prompts, ties count as non-wins)."""
+        return wilson_interval(self.wins, self.n)
+
+    @property
+    def decisive_share(self) -> float:
+        """wins / (wins + losses): the share won among prompts that did not tie."""
+        decisive = self.wins + self.losses
+        return self.wins / decisive if decisive else float("nan")
+
+    @property
+    def decisive_interval(self) -> tuple[float, float]:
+        """95% Wilson interval of `decisive_share` (the verdict's interval)."""
+        return wilson_interval(self.wins, self.wins + self.losses)
+
+    @property
+    def verdict(self) -> str:
+        return verdict(self.wins, self.losses)
+
     def as_dict(self) -> dict[str, object]:
+        boot = self.bootstrap
         return {
             "model_a": self.model_a,
             "model_b": self.model_b,
@@ -94,6 +176,16 @@ class PairResult:
             "tie_rate": self.tie_rate,
             "loss_rate": self.loss_rate,
             "win_rate_half_ties": self.win_rate_half_ties,
+            "win_low": self.win_interval[0],
+            "win_high": self.win_interval[1],
+            "decisive_share": self.decisive_share,
+            "decisive_low": self.decisive_interval[0],
+            "decisive_high": self.decisive_interval[1],
+            "verdict": self.verdict,
+            "boot_win_low": boot.win_low if boot else None,
+            "boot_win_high": boot.win_high if boot else None,
+            "boot_decisive_low": boot.decisive_low if boot else None,
+            "boot_decisive_high": boot.decisive_high if boot else None,
         }
 
 
@@ -185,10 +277,8 @@ def best_of_seeds(
     )
 
 
-def compare_bests(
-    best_a_P: np.ndarray, best_b_P: np.ndarray, tie_tol: float = 0.0
-) -> tuple[int, int, int, int]:
-    """(wins, ties, losses, n) of A vs B over prompts where both are finite.
+def outcomes(best_a_P: np.ndarray, best_b_P: np.ndarray, tie_tol: float = 0.0) -> np.ndarray:
+    """Per-prompt outcome of A vs B over prompts where both are finite: +1 win, 0 tie, -1 loss.
 
     A tie is |a - b| <= tie_tol; otherwise a > b is a win (strict) and a < b a loss.
     """
@@ -197,10 +287,49 @@ def compare_bests(
     both_P = np.isfinite(best_a_P) & np.isfinite(best_b_P)
     a_P, b_P = best_a_P[both_P], best_b_P[both_P]
     tie_P = np.abs(a_P - b_P) <= tie_tol
-    wins = int(np.sum((a_P > b_P) & ~tie_P))
-    ties = int(np.sum(tie_P))
-    losses = int(np.sum((a_P < b_P) & ~tie_P))
-    return wins, ties, losses, int(both_P.sum())
+    return np.where(tie_P, 0, np.sign(a_P - b_P)).astype(np.int64)
+
+
+def compare_bests(
+    best_a_P: np.ndarray, best_b_P: np.ndarray, tie_tol: float = 0.0
+) -> tuple[int, int, int, int]:
+    """(wins, ties, losses, n) of A vs B over prompts where both are finite (see `outcomes`)."""
+    outcome_P = outcomes(best_a_P, best_b_P, tie_tol)
+    wins, ties = int(np.sum(outcome_P > 0)), int(np.sum(outcome_P == 0))
+    return wins, ties, int(np.sum(outcome_P < 0)), int(outcome_P.size)
+
+
+def bootstrap_indices(num_prompts: int, num_resamples: int, seed: int = 0) -> np.ndarray:
+    """[R, P] prompt indices drawn with replacement (numpy's PCG64 with `seed`: reproducible)."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, num_prompts, size=(num_resamples, num_prompts))
+
+
+def paired_bootstrap(
+    outcome_P: np.ndarray, idx_RxP: np.ndarray, confidence: float = 0.95
+) -> BootstrapInterval:
+    """Percentile intervals of wins / n and wins / (wins + losses) over prompt resamples.
+
+    "Paired": a resample draws whole prompts, so A's and B's bests on a prompt stay together
+    (the outcome vector is resampled). Resamples without a decisive prompt are left out of
+    the decisive share's percentiles.
+    """
+    outcome_P = np.asarray(outcome_P)
+    if outcome_P.size == 0:
+        nan = float("nan")
+        return BootstrapInterval(nan, nan, nan, nan, 0)
+    drawn_RxP = outcome_P[idx_RxP]
+    wins_R = (drawn_RxP > 0).sum(axis=1)
+    decisive_R = (drawn_RxP != 0).sum(axis=1)
+    tail = 100 * (1 - confidence) / 2
+    win_low, win_high = np.percentile(wins_R / outcome_P.size, [tail, 100 - tail])
+    share_R = wins_R[decisive_R > 0] / decisive_R[decisive_R > 0]
+    dec_low, dec_high = (
+        np.percentile(share_R, [tail, 100 - tail]) if share_R.size else (np.nan, np.nan)
+    )
+    return BootstrapInterval(
+        float(win_low), float(win_high), float(dec_low), float(dec_high), len(idx_RxP)
+    )
 
 
 def default_pairs(models: Sequence[str], reference: str | None = None) -> list[tuple[str, str]]:
@@ -222,8 +351,15 @@ def pairwise_win_rates(
     best: BestScores,
     pairs: Sequence[tuple[str, str]] | None = None,
     tie_tol: float = 0.0,
+    *,
+    bootstrap: int = 0,
+    bootstrap_seed: int = 0,
 ) -> list[PairResult]:
-    """Win/tie/loss of every pair (default: `default_pairs(best.models)`) on every metric."""
+    """Win/tie/loss of every pair (default: `default_pairs(best.models)`) on every metric.
+
+    `bootstrap` > 0 adds a paired bootstrap over prompts with that many resamples; every cell
+    uses the same resampled prompt sets (drawn once with `bootstrap_seed`).
+    """
     pairs = default_pairs(best.models) if pairs is None else list(pairs)
     results = []
     for model_a, model_b in pairs:
@@ -231,11 +367,84 @@ def pairwise_win_rates(
             if name not in best.models:
                 raise ValueError(f"model {name!r} has no scores; scored models: {best.models}")
         for metric in best.metrics:
-            wins, ties, losses, n = compare_bests(
-                best.best(metric, model_a), best.best(metric, model_b), tie_tol
+            outcome_P = outcomes(best.best(metric, model_a), best.best(metric, model_b), tie_tol)
+            wins, ties = int(np.sum(outcome_P > 0)), int(np.sum(outcome_P == 0))
+            losses = int(np.sum(outcome_P < 0))
+            boot = None
+            if bootstrap > 0:
+                idx_RxP = bootstrap_indices(outcome_P.size, bootstrap, bootstrap_seed)
+                boot = paired_bootstrap(outcome_P, idx_RxP)
+            results.append(
+                PairResult(model_a, model_b, metric, outcome_P.size, wins, ties, losses, boot)
             )
-            results.append(PairResult(model_a, model_b, metric, n, wins, ties, losses))
     return results
+
+
+@dataclass(frozen=True)
+class SeedSummary:
+    """One cell (A vs B on a metric) over several training seeds."""
+
+    model_a: str
+    model_b: str
+    metric: str
+    win_rates: tuple[float, ...]
+    verdicts: tuple[str, ...]
+
+    @property
+    def mean_win_rate(self) -> float:
+        return float(np.mean(self.win_rates))
+
+    @property
+    def win_range(self) -> tuple[float, float]:
+        return float(np.min(self.win_rates)), float(np.max(self.win_rates))
+
+    @property
+    def verdict_counts(self) -> dict[str, int]:
+        """{'win': 3, 'loss': 0, 'inconclusive': 0}: every verdict, in `VERDICTS` order."""
+        counts = Counter(self.verdicts)
+        return {v: counts[v] for v in VERDICTS}
+
+    def verdict_text(self) -> str:
+        """'win 3/3', or 'win 2/3, inconclusive 1/3' (the verdicts that occur)."""
+        n = len(self.verdicts)
+        return ", ".join(f"{v} {c}/{n}" for v, c in self.verdict_counts.items() if c)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "model_a": self.model_a,
+            "model_b": self.model_b,
+            "metric": self.metric,
+            "seeds": len(self.win_rates),
+            "mean_win_rate": self.mean_win_rate,
+            "min_win_rate": self.win_range[0],
+            "max_win_rate": self.win_range[1],
+            "verdicts": self.verdict_counts,
+            "verdict_text": self.verdict_text(),
+        }
+
+
+def summarize_seeds(per_seed: Sequence[Sequence[PairResult]]) -> list[SeedSummary]:
+    """Cells of the same (A, B, metric) across seeds' results: mean, range, verdict count.
+
+    Every seed must hold the same cells (in any order); the output follows the first seed's.
+    """
+    if not per_seed:
+        return []
+    keys = [(r.model_a, r.model_b, r.metric) for r in per_seed[0]]
+    by_seed = [{(r.model_a, r.model_b, r.metric): r for r in results} for results in per_seed]
+    for i, cells in enumerate(by_seed):
+        if set(cells) != set(keys):
+            raise ValueError(
+                f"seed {i} has other cells than seed 0: {sorted(set(cells) ^ set(keys))}"
+            )
+    return [
+        SeedSummary(
+            *key,
+            win_rates=tuple(cells[key].win_rate for cells in by_seed),
+            verdicts=tuple(cells[key].verdict for cells in by_seed),
+        )
+        for key in keys
+    ]
 
 
 def mean_scores(

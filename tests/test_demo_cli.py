@@ -29,6 +29,7 @@ def test_user_errors_are_one_line_and_exit_2(demo_main, tmp_path, capsys):
     a_file.write_text("")
     cases = {
         "--seed": ["--seed", "x"],
+        "--seeds 0": ["--seeds", "0"],
         "'--bogus'": ["--bogus"],
         "--config.demo.nope": ["--config.demo.nope=1"],
         "--config.nope.seed": ["--config.nope.seed=1"],

@@ -165,13 +165,16 @@ def test_tables_equal_winrate_module(first_run):
         )
         assert float(row["win_rate"]) == pytest.approx(result.win_rate)
         assert float(row["win_rate_half_ties"]) == pytest.approx(result.win_rate_half_ties)
+        assert (float(row["win_low"]), float(row["win_high"])) == pytest.approx(
+            winrate.wilson_interval(result.wins, result.n)
+        )
+        assert row["verdict"] == winrate.verdict(result.wins, result.losses)
     markdown = (out / "winrates.md").read_text()
     other = {r.metric: r for r in expected if r.model_a == "other"}
     line = next(x for x in markdown.splitlines() if x.startswith("| other vs base |"))
     cells = [c.strip() for c in line.strip("|").split("|")][1:]
-    assert cells == [
-        f"{100 * other[m].win_rate:.2f} ({100 * other[m].tie_rate:.2f})" for m in METRICS
-    ]
+    assert cells == [eval_report.cell_text(other[m]) for m in METRICS]
+    assert eval_report.VERDICT_NOTE in markdown
     means = pd.read_csv(out / "means.csv")
     red_other = frame[(frame.model == "other") & (frame.metric == "evt_red")]
     row = means[(means.model == "other") & (means.metric == "evt_red")].iloc[0]
@@ -201,7 +204,7 @@ def test_group_tables_equal_winrate_on_subsets(first_run):
         ].iloc[0]
         assert (row.n_prompts, row.wins, row.ties, row.losses) == (2, r.wins, r.ties, r.losses)
     markdown = (out / "winrates_by_group.md").read_text()
-    assert "## other vs base by Category: win % (tie %)" in markdown
+    assert "## other vs base by Category: win % [95% interval] (tie %) verdict" in markdown
     assert "| Animals | 2 |" in markdown
 
 
@@ -211,9 +214,7 @@ def test_merge_tables_across_prompt_sets(first_run, tmp_path):
         [str(out), str(out), "--labels", "parti,again", "--out", str(tmp_path / "t.md")]
     )
     other = {r.metric: r for r in results.pairs if (r.model_a, r.model_b) == ("other", "base")}
-    cells = " | ".join(
-        f"{100 * other[m].win_rate:.2f} ({100 * other[m].tie_rate:.2f})" for m in METRICS
-    )
+    cells = " | ".join(eval_report.cell_text(other[m]) for m in METRICS)
     assert f"| parti: other vs base | {cells} |" in text
     assert f"| again: other vs base | {cells} |" in text
     assert (tmp_path / "t.md").read_text().strip() == text
@@ -228,9 +229,11 @@ def test_chart_and_grid_written(first_run):
     grid = PIL.Image.open(out / "grid.png")
     assert grid.size[0] == 3 * (256 + 6) + 6  # one 256 px column per model
     assert grid.size[1] > 2 * 256  # two prompt rows
-    # The first column shows base's image of prompt 0 and seed 10 (the first seed), scaled up.
-    base = PIL.Image.open(image_path(out, "base", "00000", 10)).convert("RGB")
-    cell_256 = np.asarray(PIL.ImageOps.pad(base, (256, 256), color="white"))
+    # The first column shows base's image of prompt 0 and seed 10 (the first seed), scaled up
+    # 16x without smoothing: every source pixel becomes a 16x16 block
+    base = np.asarray(PIL.Image.open(image_path(out, "base", "00000", 10)).convert("RGB"))
+    assert base.shape == (16, 16, 3)
+    cell_256 = base.repeat(16, axis=0).repeat(16, axis=1)
     grid_HxWx3 = np.asarray(grid.convert("RGB"))
     rows = [
         y
@@ -425,6 +428,17 @@ def test_report_helpers(tmp_path):
     assert text == "P 0.19 H 0.271 C 0.369 A 4.49"
     pairs = [winrate.PairResult("ours", "base", "hps", 4, 2, 1, 1)]
     markdown = eval_report.winrate_markdown(pairs, ["hps"], num_seeds=5)
-    assert "| ours vs base | 50.00 (25.00) |" in markdown
+    # Wilson 2 of 4: centre 0.5, half 1.96 / 1.9604 * sqrt(0.0625 + 0.0600) = 0.350
+    assert "| ours vs base | 50.0 [15.0, 85.0] (25.0) inconclusive |" in markdown
     assert "| ours vs base | 62.50 |" in markdown
     assert "best of 5 seeds per prompt, 4 prompts" in markdown
+    win = winrate.PairResult("ours", "base", "hps", 100, 60, 0, 40)
+    assert eval_report.cell_text(win) == "60.0 [50.2, 69.1] (0.0) **win**"
+    assert eval_report.pair_from_dict(win.as_dict()) == win
+    # a small image is enlarged by whole factors without smoothing, a large one shrunk
+    tiny = PIL.Image.fromarray(np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3))
+    big = eval_report.fit_cell(tiny, 128)  # factor 42 (128 // 3), padded to 128 x 128
+    top, left = np.argwhere((np.asarray(big) != 255).any(-1)).min(axis=0)  # white padding
+    block = np.asarray(big)[top : top + 84, left : left + 126]
+    np.testing.assert_array_equal(block, np.asarray(tiny).repeat(42, 0).repeat(42, 1))
+    assert eval_report.fit_cell(PIL.Image.new("RGB", (512, 512)), 256).size == (256, 256)

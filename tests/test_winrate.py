@@ -161,3 +161,88 @@ def test_bad_tables_raise():
         _best(columns, models=["base"])
     with pytest.raises(ValueError, match="has no scores"):
         winrate.pairwise_win_rates(_best(columns), [("ours", "dpo")])
+
+
+def _wilson_by_hand(k, n, z=1.959963984540054):
+    """The textbook formula written out once more, independently of the module."""
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def test_wilson_interval_hand_worked():
+    # 7 of 10: p = 0.7, z^2/n = 0.38415, centre = 0.89207 / 1.38415 = 0.64449,
+    # half = 1.41600 * sqrt(0.021 + 0.0096037) = 0.24771 -> (0.3968, 0.8922)
+    assert winrate.wilson_interval(7, 10) == pytest.approx((0.39677, 0.89220), abs=1e-5)
+    # 0 of 10: centre = half = 0.13877 -> (0, 0.2775): not empty at k = 0, unlike Wald's
+    assert winrate.wilson_interval(0, 10) == pytest.approx((0.0, 0.27753), abs=1e-5)
+    # 60 of 100: centre 0.59630, half 0.09430 -> (0.5020, 0.6906), just above one half
+    assert winrate.wilson_interval(60, 100) == pytest.approx((0.50200, 0.69060), abs=1e-5)
+    for k, n in ((7, 10), (60, 100), (3, 30), (27, 27), (1, 1)):
+        low, high = _wilson_by_hand(k, n)
+        assert winrate.wilson_interval(k, n) == pytest.approx((max(low, 0), min(high, 1)))
+    low, high = winrate.wilson_interval(0, 0)
+    assert math.isnan(low) and math.isnan(high)
+    with pytest.raises(ValueError, match="0 <= k <= n"):
+        winrate.wilson_interval(5, 4)
+
+
+def test_verdict_rule_on_decisive_share():
+    # the interval of wins / (wins + losses) must exclude one half
+    assert winrate.verdict(60, 40) == "win"  # lower bound 0.5020
+    assert winrate.verdict(59, 41) == "inconclusive"  # lower bound 0.4920
+    assert winrate.verdict(40, 60) == "loss"
+    assert winrate.verdict(0, 0) == "inconclusive"  # every prompt tied
+    # 27 wins, 73 ties, no loss: the strict win share 27% has its whole interval below one
+    # half, yet A never lost a prompt that did not tie: the verdict is a win
+    cell = winrate.PairResult("a", "b", "m", n=100, wins=27, ties=73, losses=0)
+    assert cell.win_interval == pytest.approx(_wilson_by_hand(27, 100))
+    assert cell.win_interval[1] < 0.5
+    assert cell.decisive_share == 1.0
+    assert cell.decisive_interval[0] == pytest.approx(_wilson_by_hand(27, 27)[0])  # 0.8754
+    assert cell.verdict == "win"
+    # a model identical to the reference ties everywhere: inconclusive, not a loss
+    assert winrate.PairResult("a", "b", "m", 30, 0, 30, 0).verdict == "inconclusive"
+    row = cell.as_dict()
+    assert row["verdict"] == "win" and row["boot_win_low"] is None
+    assert (row["win_low"], row["win_high"]) == cell.win_interval
+
+
+def test_paired_bootstrap_matches_a_loop_and_is_reproducible():
+    outcome_P = np.array([1, 1, 0, -1, 1, 0, 1, -1, 1, 1])
+    idx_RxP = winrate.bootstrap_indices(10, 500, seed=3)
+    np.testing.assert_array_equal(idx_RxP, winrate.bootstrap_indices(10, 500, seed=3))
+    boot = winrate.paired_bootstrap(outcome_P, idx_RxP)
+    win_R, share_R = [], []
+    for idx in idx_RxP:  # the same resamples, one at a time
+        drawn = outcome_P[idx]
+        win_R.append(np.mean(drawn == 1))
+        if np.any(drawn != 0):
+            share_R.append(np.sum(drawn == 1) / np.sum(drawn != 0))
+    assert boot.win_low == pytest.approx(np.percentile(win_R, 2.5))
+    assert boot.win_high == pytest.approx(np.percentile(win_R, 97.5))
+    assert boot.decisive_low == pytest.approx(np.percentile(share_R, 2.5))
+    assert boot.num_resamples == 500
+    assert winrate.paired_bootstrap(np.ones(5), winrate.bootstrap_indices(5, 50)).win_low == 1.0
+
+    best = _best(_columns())
+    a = winrate.pairwise_win_rates(best, [("ours", "base")], bootstrap=200, bootstrap_seed=1)
+    b = winrate.pairwise_win_rates(best, [("ours", "base")], bootstrap=200, bootstrap_seed=1)
+    assert a == b and a[0].bootstrap.num_resamples == 200
+    assert a[0].bootstrap.win_low <= a[0].win_rate <= a[0].bootstrap.win_high
+
+
+def test_summarize_seeds():
+    def cell(wins, ties, losses):
+        return winrate.PairResult("ours", "base", "pick", wins + ties + losses, wins, ties, losses)
+
+    seeds = [[cell(70, 0, 30)], [cell(60, 0, 40)], [cell(52, 0, 48)]]
+    (summary,) = winrate.summarize_seeds(seeds)
+    assert summary.mean_win_rate == pytest.approx((0.7 + 0.6 + 0.52) / 3)
+    assert summary.win_range == (0.52, 0.7)
+    assert summary.verdicts == ("win", "win", "inconclusive")
+    assert summary.verdict_text() == "win 2/3, inconclusive 1/3"
+    assert summary.as_dict()["verdicts"] == {"win": 2, "loss": 0, "inconclusive": 1}
+    with pytest.raises(ValueError, match="other cells"):
+        winrate.summarize_seeds([[cell(1, 0, 0)], []])
