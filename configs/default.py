@@ -70,6 +70,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.dpo.ref_update = "copy"  # 'copy' (BalancedDPO) or 'ema'
     config.dpo.ref_ema_decay = 0.99  # decay for ref_update='ema'
     config.dpo.proportion_empty_prompts = 0.2  # text-conditioning dropout probability
+    # loss VALUE of policy and reference from one forward program (bit-equal at policy == ref,
+    # so bf16 rounding x beta/2 does not fake a signal), gradient straight-through; +1 forward
+    config.dpo.matched_forward = True
 
     # --- optimisation -----------------------------------------------------------------------
     config.optim = ml_collections.ConfigDict()
