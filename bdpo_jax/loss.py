@@ -85,7 +85,11 @@ def dpo_loss(
           label's sign prefers, over pairs with label != 0 (negative model_diff: the policy
           denoises the winner better);
         model_mse, ref_mse: mean per-image mse over all 2B images;
-        label_abs_mean: mean |label|; label_zero_fraction: share of labels equal to 0.
+        label_abs_mean: mean |label|; label_zero_fraction: share of labels equal to 0;
+        abs_inside_median: median |inside| over the pair-and-scorer terms with label != 0
+          (unweighted; 0 when there are none): exactly 0 at policy == reference in exact
+          arithmetic, so at such a step it measures rounding noise (the trainer logs it after a
+          reference refresh as ref_refresh_abs_inside_median).
       For a [B, K] label every pair-and-scorer term is weighted by w_k.
     """
     mse = (model_mse_1_B, model_mse_2_B, ref_mse_1_B, ref_mse_2_B)
@@ -117,6 +121,9 @@ def dpo_loss(
         "ref_mse": 0.5 * (jnp.mean(r1) + jnp.mean(r2)),
         "label_abs_mean": jnp.mean(jnp.sum(w_1xK * jnp.abs(label_BxK), axis=1)) / jnp.sum(w_K),
         "label_zero_fraction": jnp.mean(jnp.sum(w_1xK * (label_BxK == 0), axis=1)) / jnp.sum(w_K),
+        "abs_inside_median": jnp.nan_to_num(
+            jnp.nanmedian(jnp.where(active_BxK != 0, jnp.abs(inside_BxK), jnp.nan))
+        ),
     }
     return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
 

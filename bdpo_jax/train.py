@@ -48,6 +48,7 @@ from bdpo_jax.models.dtypes import dtype_from_name
 from bdpo_jax.schema import ConfigError
 from bdpo_jax.train_state import TrainState
 
+_ABS_INSIDE_WARN = 0.01  # median |inside| at policy == reference above which the run warns
 # (state, batch, consts[, base]) -> (state, metrics): `train_step.train_step` with its parts
 # bound; a LoRA run also passes the frozen base params
 StepFn = Callable[..., tuple[TrainState, train_step.Metrics]]
@@ -123,6 +124,7 @@ def make_train_step(
         prediction_type=config.model.prediction_type,
         vae_scaling_factor=float(info.vae_scaling_factor),
         proportion_empty_prompts=float(config.dpo.proportion_empty_prompts),
+        matched_forward=bool(config.dpo.matched_forward),
     )
     step_fn = functools.partial(
         train_step.train_step,
@@ -324,12 +326,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     log_every, ckpt_every = int(config.train.log_every), int(config.train.checkpoint_every)
     ref_every, sample_every = int(config.dpo.ref_update_every), int(config.train.sample_every)
 
+    copy_refresh = bool(ref_every) and config.dpo.ref_update == "copy"
+    health: dict[str, float] = {}  # held until the next written metrics row
+
     def report(step: int, metrics: train_step.Metrics) -> None:
-        """Host copy of one step's metrics: stop at a non-finite loss, write at log steps."""
+        """Host copy of one step's metrics: stop at a non-finite loss, write at log steps.
+
+        A step computed at policy == reference (step 1, and the step after each 'copy'
+        refresh) adds its abs_inside_median to the next written row as
+        ref_refresh_abs_inside_median: 0 in exact arithmetic, so it is the rounding noise of
+        the DPO signal (see config.dpo.matched_forward)."""
         host = jax.device_get(metrics)
         metrics_writer.check_finite(step, float(host["loss"]))
+        at_reference = step == 1 or (copy_refresh and (step - 1) % ref_every == 0)
+        if at_reference and "abs_inside_median" in host:
+            noise = float(host["abs_inside_median"])
+            health["ref_refresh_abs_inside_median"] = noise
+            if noise > _ABS_INSIDE_WARN:
+                logging.warning(
+                    "step %d: median |inside| %.3g at policy == reference (> %g): the DPO "
+                    "signal is rounding noise x beta/2 (config.dpo.matched_forward=True fixes it)",
+                    step,
+                    noise,
+                    _ABS_INSIDE_WARN,
+                )
         if step % log_every == 0 or step == total:
-            writer.write(step, host)
+            writer.write(step, {**host, **health})
+            health.clear()
 
     compiled = None
     pending: tuple[int, train_step.Metrics] | None = None  # the last step's, still on device

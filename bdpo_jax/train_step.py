@@ -134,6 +134,64 @@ def _mse_fn(
     return mse
 
 
+def _forward_only_mse(
+    mse: Callable[[Params], jax.Array], params: Params, ref_params: Params
+) -> tuple[jax.Array, jax.Array]:
+    """(mse(params), mse(ref_params)) from ONE forward program run twice (a 2-step scan whose
+    body selects its parameters), so both are computed by the very same XLA ops and are
+    bit-identical when params == ref_params. No gradient flows (inputs are stop_gradient'ed)."""
+    params, ref_params = jax.lax.stop_gradient((params, ref_params))
+
+    def body(carry, is_ref):
+        theta = jax.tree.map(lambda p, r: jnp.where(is_ref, r, p), params, ref_params)
+        return carry, mse(theta)
+
+    _, out_2xN = jax.lax.scan(body, None, jnp.array([False, True]))
+    return out_2xN[0], out_2xN[1]
+
+
+def dpo_mse(
+    params: Params,
+    ref_params: Params,
+    mb: Batch,
+    rng: jax.Array,
+    consts: Batch,
+    *,
+    model: nn.Module,
+    schedule: schedules.Schedule,
+    prediction_type: str,
+    vae_scaling_factor: float,
+    proportion_empty_prompts: float,
+    matched_forward: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """Per-image mse of the policy (differentiable) and of the reference (no gradient), [2B]
+    each: [image 1 of every pair; image 2 of every pair].
+
+    matched_forward (config.dpo.matched_forward): the policy's VALUE comes from the same
+    forward-only program as the reference's (`_forward_only_mse`), its GRADIENT from the
+    policy's own forward inside value_and_grad, by straight-through:
+    err = err_fwd + (err_grad - stop_gradient(err_grad)) (value exactly err_fwd). At policy ==
+    reference (step 0, after every refresh) the DPO `inside` is then exactly 0, not bf16
+    rounding noise times beta / 2. Costs one extra forward of the 2B batch. False: the value of
+    the gradient pass (the authors' code).
+    """
+    x0_1, x0_2, eps_B, t_B, text_B, added_B = _noised_pairs(
+        mb,
+        rng,
+        consts,
+        schedule=schedule,
+        vae_scaling_factor=vae_scaling_factor,
+        proportion_empty_prompts=proportion_empty_prompts,
+    )
+    x0_2B = jnp.concatenate([x0_1, x0_2])
+    mse = _mse_fn(model, schedule, prediction_type, x0_2B, eps_B, t_B, text_B, added_B)
+    err_2B = mse(params)
+    if not matched_forward:
+        return err_2B, jax.lax.stop_gradient(mse(ref_params))
+    value_2B, ref_2B = _forward_only_mse(mse, params, ref_params)
+    return value_2B + (err_2B - jax.lax.stop_gradient(err_2B)), ref_2B
+
+
 def dpo_loss_fn(
     params: Params,
     ref_params: Params,
@@ -147,25 +205,28 @@ def dpo_loss_fn(
     prediction_type: str,
     vae_scaling_factor: float,
     proportion_empty_prompts: float,
+    matched_forward: bool = False,
 ) -> tuple[jax.Array, Metrics]:
     """Diffusion-DPO loss and metrics of one micro-batch: both images of each pair in one call,
-    [image 1 of every pair; image 2 of every pair], the reference in another (no gradient).
+    [image 1 of every pair; image 2 of every pair], the reference in another (no gradient);
+    see `dpo_mse` for matched_forward.
 
     A [B, K] label (mode 'weighted_sum') is weighted by consts["weights_K"] (Eq. 10).
     """
-    x0_1, x0_2, eps_B, t_B, text_B, added_B = _noised_pairs(
+    err_2B, ref_2B = dpo_mse(
+        params,
+        ref_params,
         mb,
         rng,
         consts,
+        model=model,
         schedule=schedule,
+        prediction_type=prediction_type,
         vae_scaling_factor=vae_scaling_factor,
         proportion_empty_prompts=proportion_empty_prompts,
+        matched_forward=matched_forward,
     )
-    b = x0_1.shape[0]
-    x0_2B = jnp.concatenate([x0_1, x0_2])
-    mse = _mse_fn(model, schedule, prediction_type, x0_2B, eps_B, t_B, text_B, added_B)
-    ref_2B = jax.lax.stop_gradient(mse(ref_params))
-    err_2B = mse(params)
+    b = err_2B.shape[0] // 2
     return loss_lib.dpo_loss(
         err_2B[:b],
         err_2B[b:],
@@ -216,13 +277,17 @@ def make_loss_fn(
     prediction_type: str,
     vae_scaling_factor: float,
     proportion_empty_prompts: float,
+    matched_forward: bool = False,
 ) -> LossFn:
-    """`dpo_loss_fn` or `sft_loss_fn` (kind 'dpo' | 'sft') with the model and knobs bound."""
+    """`dpo_loss_fn` or `sft_loss_fn` (kind 'dpo' | 'sft') with the model and knobs bound
+    (matched_forward: DPO only, see `dpo_mse`)."""
     fns = {"dpo": dpo_loss_fn, "sft": sft_loss_fn}
     if kind not in fns:
         raise ValueError(f"loss kind {kind!r}: expected one of {sorted(fns)}")
+    extra = {"matched_forward": bool(matched_forward)} if kind == "dpo" else {}
     return functools.partial(
         fns[kind],
+        **extra,
         model=model,
         schedule=schedule,
         prediction_type=prediction_type,

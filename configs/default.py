@@ -79,6 +79,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.dpo.ref_update = "copy"  # 'copy' (BalancedDPO) or 'ema'
     config.dpo.ref_ema_decay = 0.99  # decay for ref_update='ema'
     config.dpo.proportion_empty_prompts = 0.2  # text-conditioning dropout probability
+    # loss VALUE of policy and reference from one forward program (bit-equal at policy == ref,
+    # so bf16 rounding x beta/2 cannot fake a signal), gradient straight-through; costs one more
+    # forward and a params-sized temporary. Off: on CPU XLA the noise is already 0 (full SD1.5,
+    # bf16); turn on where metrics' ref_refresh_abs_inside_median exceeds 0.01 (the run warns)
+    config.dpo.matched_forward = False
 
     # --- optimisation -----------------------------------------------------------------------
     config.optim = ml_collections.ConfigDict()

@@ -1,4 +1,5 @@
-"""SDXL base (1024 px) BalancedDPO: Adafactor, beta 5000, SDXL's VAE scaling 0.13025.
+"""SDXL base (1024 px) BalancedDPO: Adafactor, beta 5000, 200 warm-up steps, SDXL's VAE
+scaling 0.13025.
 
     python -m bdpo_jax.train --config configs/sdxl.py --workdir runs/sdxl_bdpo \
         --config.data.path=/data/pickapic_sdxl_shards --config.mesh.shape='(1,-1)'
@@ -20,5 +21,6 @@ def get_config():
     config.optim.optimizer = "adafactor"  # as Diffusion-DPO's SDXL runs
     config.optim.learning_rate = 1e-8
     config.optim.scale_lr = True
+    config.optim.warmup_steps = 200  # Diffusion-DPO's SDXL launcher (SD1.5's: 500)
     config.mesh.shape = (1, -1)
     return config

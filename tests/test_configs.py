@@ -7,7 +7,7 @@ import pytest
 
 from configs import default
 
-VARIANTS = ("sd15", "sd21", "sdxl", "tiny")
+VARIANTS = ("sd15", "sd21", "sdxl", "smpo_sd15", "tiny")
 
 
 def _load(name):
@@ -56,6 +56,25 @@ def test_sd21_and_sdxl():
     assert cxl.optim.optimizer == "adafactor" and cxl.dpo.beta == 5000.0
     assert cxl.diffusion.vae_scaling_factor == 0.13025
     assert cxl.model.pretrained == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert cxl.optim.warmup_steps == 200  # Diffusion-DPO's SDXL launcher
+
+
+def test_smpo_sd15_is_smpos_setting():
+    from bdpo_jax import labels
+
+    c, base = _load("smpo_sd15"), _load("sd15")
+    assert c.label.mode == "smpo" and c.label.scorer == "pickscore" and c.dpo.beta == 2000.0
+    assert (c.label.smpo_lo, c.label.smpo_hi, c.label.smpo_scale) == (
+        labels.SMPO_LO,
+        labels.SMPO_HI,
+        labels.SMPO_SCALE,
+    )
+    labels.check_label_config(c.label, ("pickscore", "hps", "clip", "aesthetic"))
+    assert c.train.to_dict() == base.train.to_dict() and c.optim.to_dict() == base.optim.to_dict()
+
+
+def test_matched_forward_is_off_by_default():
+    assert default.get_config().dpo.matched_forward is False
 
 
 def test_tiny_needs_no_files():

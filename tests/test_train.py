@@ -47,6 +47,9 @@ def test_tiny_run_outputs_then_non_finite_loss_stops_with_checkpoint_intact(tmp_
         ):
             assert key in row and math.isfinite(row[key]), key
     assert rows[1]["lr"] == pytest.approx(1e-4)  # tiny: 2 warm-up steps then constant
+    # step 1 ran at policy == reference: its median |inside| rides on the next row, and is 0
+    assert rows[0]["ref_refresh_abs_inside_median"] == 0.0
+    assert "ref_refresh_abs_inside_median" not in rows[1]
     assert os.listdir(os.path.join(workdir, "tb")), "no TensorBoard event file"
     assert os.path.getsize(os.path.join(workdir, metrics_writer.CURVES_FILE)) > 1000
     with open(os.path.join(workdir, checkpointing.UNET_CONFIG_FILE)) as f:
