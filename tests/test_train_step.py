@@ -357,8 +357,8 @@ def test_reference_refresh_schedule(tiny_unet):
 
 
 def test_matched_forward_makes_inside_exactly_zero_at_policy_equals_reference():
-    """bf16, remat, policy == reference: with matched_forward (config.dpo.matched_forward) the policy's and
-    the reference's mse come from one forward program, so inside is exactly 0 and the step-0
+    """bf16, remat, policy == reference: with config.dpo.matched_forward the policy's and the
+    reference's mse come from one forward program, so inside is exactly 0 and the step-0
     implicit accuracy 0; the gradient is the plain recipe's (straight-through).
 
     On this CPU the tiny model does not show the bf16 problem without the fix either (the
