@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 
-from bdpo_jax import checkpointing, sampling
+from bdpo_jax import checkpointing, export, sampling
 from bdpo_jax.models import UNet2DConditionModel
 
 _MODELS: dict[str, Any] = {}  # one model object per UNet config: sampling's jit cache is per model
@@ -81,7 +81,7 @@ class JaxGenerator:
 
     def _load(self) -> Any:
         if self._params is None:
-            params = checkpointing.restore_params(self.workdir, source="workdir")
+            _, params = export.unet_params(self.workdir)  # a LoRA run: merged into its base
             self._params = jax.tree.map(jnp.asarray, params)
             self._uncond = np.asarray(self.text_encoder.encode([""])["text_embeds"], np.float32)
         return self._params

@@ -41,16 +41,19 @@ def banner(text: str) -> None:
 
 
 def parse_run(entry: str) -> tuple[str, dict[str, Any]]:
-    """'name=mode[:scorer][-noref]' -> (name, {"mode", "scorer", "ref"})."""
+    """'name=mode[:scorer][-noref][-lora]' -> (name, {"mode", "scorer", "ref", "lora"})."""
     name, sep, spec = entry.partition("=")
+    form = "'name=mode[:scorer][-noref][-lora]'"
     if not sep or not name or not spec:
-        raise ValueError(f"config.demo.runs entry {entry!r} is not 'name=mode[:scorer][-noref]'")
+        raise ValueError(f"config.demo.runs entry {entry!r} is not {form}")
+    lora = spec.endswith("-lora")
+    spec = spec.removesuffix("-lora")
     ref = not spec.endswith("-noref")
     spec = spec.removesuffix("-noref")
     mode, _, scorer = spec.partition(":")
     if mode == "single" and scorer not in SCORER_NAMES:
         raise ValueError(f"config.demo.runs entry {entry!r}: scorer must be one of {SCORER_NAMES}")
-    return name, {"mode": mode, "scorer": scorer, "ref": ref}
+    return name, {"mode": mode, "scorer": scorer, "ref": ref, "lora": lora}
 
 
 def preprocess(jsonl: str, out: str, batch_size: int = 64) -> dict:
@@ -99,7 +102,9 @@ def dpo_config(
             "model.init_checkpoint": base, "label.mode": name_spec["mode"],
             "label.scorer": name_spec["scorer"], "dpo.beta": float(d.beta),
             "dpo.ref_update_every": int(d.ref_update_every) if name_spec["ref"] else 0,
-            "optim.learning_rate": float(d.dpo_lr), "optim.warmup_steps": int(d.dpo_warmup),
+            "optim.learning_rate": float(d.lora_lr if name_spec["lora"] else d.dpo_lr),
+            "lora.rank": int(d.lora_rank) if name_spec["lora"] else 0,
+            "optim.warmup_steps": int(d.dpo_warmup),
             "train.steps": int(d.dpo_steps), "train.global_batch_size": int(d.dpo_batch),
         },
     )  # fmt: skip
@@ -212,6 +217,8 @@ def grid_models(config) -> list[str]:
     names = []
     for entry in config.demo.runs:
         name, spec = parse_run(entry)
+        if spec["lora"]:
+            continue
         if (spec["mode"] == "majority" and spec["ref"]) or spec["mode"] == "single":
             names.append(name)
     return ["base", *names]

@@ -182,6 +182,27 @@ def lora_base_params(run_config: dict[str, Any], unet_config: dict[str, Any]) ->
     return jax.tree.map(lambda x: np.asarray(jnp.asarray(x).astype(compute), np.float32), params)
 
 
+def unet_params(workdir: str | os.PathLike, step: int | None = None) -> tuple[int, Any]:
+    """(step, the full UNet params as host arrays) of any trainer run: a full fine-tuning run's
+    params, or a LoRA run's adapters merged into its frozen base (what `--merge` writes)."""
+    workdir = Path(workdir)
+    step, params = restore_params(workdir, step)
+    run_config = _run_config(workdir)
+    lora_cfg = run_config.get("lora") or {}
+    rank = int(lora_cfg.get("rank", 0))
+    if not rank:
+        return step, params
+    unet_config = json.loads((workdir / checkpointing.UNET_CONFIG_FILE).read_text())
+    alpha = float(lora_cfg.get("alpha", 0.0)) or float(rank)
+    return step, _merged(run_config, unet_config, params, alpha / rank)
+
+
+def _merged(run_config: dict[str, Any], unet_config: dict[str, Any], adapters, scale) -> Any:
+    """A LoRA run's adapters merged into its frozen base, as host arrays."""
+    base_params = lora_base_params(run_config, unet_config)
+    return jax.tree.map(np.asarray, lora.merge(base_params, adapters, scale))
+
+
 def _write_lora_folder(folder: Path, adapters: Any, rank: int, alpha: float, dtype: Any) -> int:
     """OUT/pytorch_lora_weights.safetensors, re-read and compared; returns the tensor count."""
     from safetensors.numpy import load_file, save_file
@@ -266,8 +287,7 @@ def export(
         if found_rank != rank:
             raise ExportError(f"checkpoint adapters have rank {found_rank}, config.json {rank}")
     if merge:
-        base_params = lora_base_params(run_config, unet_config)
-        params = jax.tree.map(np.asarray, lora.merge(base_params, params, alpha / rank))
+        params = _merged(run_config, unet_config, params, alpha / rank)
     if not lora_folder:
         _check_tree_matches(params, expected, config_path)
 

@@ -70,7 +70,10 @@ def get_config() -> ml_collections.ConfigDict:
     d.dpo_warmup = 5  # warm-up steps
     d.beta = 1000.0  # Diffusion-DPO beta
     d.ref_update_every = 20  # T for BalancedDPO (reference <- policy every T steps)
-    # name -> label mode (single:<scorer> for one scorer; '-noref' suffix: ref_update_every=0)
+    d.lora_rank = 8  # '-lora' runs: LoRA adapters of this rank on the frozen base
+    d.lora_lr = 1e-3  # '-lora' runs: Adam learning rate of the adapters
+    # name -> label mode (single:<scorer> for one scorer; '-noref' suffix: ref_update_every=0;
+    # '-lora' suffix: LoRA adapters on the frozen base instead of full fine-tuning)
     d.runs = (
         "balanced=majority",
         "colour=single:colour",
@@ -80,6 +83,7 @@ def get_config() -> ml_collections.ConfigDict:
         "weighted_sum=weighted_sum",
         "score_sum=score_sum",
         "balanced_noref=majority-noref",
+        "balanced_lora=majority-lora",
     )
     # stage 5: evaluation (the paper's protocol: best of `eval_seeds`, win rates vs base)
     d.eval_prompts = 100  # held-out prompts (never in SFT or pair data), spread; 0 = all 108

@@ -1,5 +1,5 @@
 """CI size of the demo (tests/test_demo.py, `python -m bdpo_demo --ci`): every stage, a
-few steps each, one DPO run. Not meant to show anything but that the pipeline works."""
+few steps each, one full and one LoRA DPO run. Not meant to show anything but that the pipeline works."""
 
 from configs import demo
 
@@ -18,7 +18,7 @@ def get_config():
     d.dpo_steps = 3
     d.dpo_batch = 8  # divisible by the 8 fake CPU devices of the tests
     d.ref_update_every = 2
-    d.runs = ("balanced=majority",)
+    d.runs = ("balanced=majority", "balanced_lora=majority-lora")
     d.eval_prompts = 6  # of the 108 held-out prompts
     d.eval_seeds = 2
     d.bootstrap = 200

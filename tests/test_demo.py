@@ -201,7 +201,9 @@ def test_rerun_repeats_the_tables_exactly(demo_run, tmp_path):
 
 def test_parse_run_and_bad_entries():
     assert pipeline.parse_run("b=majority-noref") == ("b", {"mode": "majority", "scorer": "",
-                                                         "ref": False})  # fmt: skip
+                                                         "ref": False, "lora": False})  # fmt: skip
+    assert pipeline.parse_run("l=majority-noref-lora")[1] == {
+        "mode": "majority", "scorer": "", "ref": False, "lora": True}  # fmt: skip
     assert pipeline.parse_run("c=single:colour")[1]["scorer"] == "colour"
     for bad in ("majority", "x=single:pickscore", "=majority"):
         with pytest.raises(ValueError, match="config.demo.runs"):
