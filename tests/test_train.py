@@ -47,8 +47,9 @@ def test_tiny_run_outputs_then_non_finite_loss_stops_with_checkpoint_intact(tmp_
         ):
             assert key in row and math.isfinite(row[key]), key
     assert rows[1]["lr"] == pytest.approx(1e-4)  # tiny: 2 warm-up steps then constant
-    # step 1 ran at policy == reference: its median |inside| rides on the next row, and is 0
-    assert rows[0]["ref_refresh_abs_inside_median"] == 0.0
+    # step 1 ran at policy == reference: its median |inside| (0 in exact arithmetic, rounding
+    # noise otherwise: 0 or ~3e-5 here, by how XLA fused this compile) is on the first row
+    assert 0.0 <= rows[0]["ref_refresh_abs_inside_median"] < 1e-3
     assert "ref_refresh_abs_inside_median" not in rows[1]
     assert os.listdir(os.path.join(workdir, "tb")), "no TensorBoard event file"
     assert os.path.getsize(os.path.join(workdir, metrics_writer.CURVES_FILE)) > 1000
