@@ -158,3 +158,16 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for row in rows:
         print("| " + " | ".join(str(c).rjust(w) for c, w in zip(row, widths, strict=True)) + " |")
+
+
+# The "small" benchmark UNet (17.8M params at cross_attention_dim 128): the SD1.5 block layout
+# at 3 levels and 64-256 channels; bench/unet.py, bench/train_step.py and bench/dpo_signal.py
+# apply it on top of presets.tiny_unet_config("sd15", ...)
+SMALL_UNET = {
+    "block_out_channels": [64, 128, 256],
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "norm_num_groups": 32,
+    "attention_head_dim": 4,
+    "layers_per_block": 2,
+}

@@ -27,15 +27,9 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from bench import common  # noqa: E402
+
 BETA = 5000.0
-SMALL = {  # bench/train_step.py's 'small' UNet: 3 levels, 64-256 channels
-    "block_out_channels": [64, 128, 256],
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "norm_num_groups": 32,
-    "attention_head_dim": 4,
-    "layers_per_block": 2,
-}
 
 
 def _unet_config(name: str, latent: int) -> tuple[dict, tuple[int, int]]:
@@ -46,7 +40,7 @@ def _unet_config(name: str, latent: int) -> tuple[dict, tuple[int, int]]:
     text = (8, 32) if name == "tiny" else (16, 64)
     cfg = presets.tiny_unet_config("sd15", sample_size=latent, cross_attention_dim=text[1])
     if name == "small":
-        cfg.update(SMALL)
+        cfg.update(common.SMALL_UNET)
     return cfg, text
 
 

@@ -31,18 +31,10 @@ sys.path.insert(0, REPO)
 
 from bench import common  # noqa: E402
 
-SMALL = {
-    "block_out_channels": [64, 128, 256],
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "norm_num_groups": 32,
-    "attention_head_dim": 4,
-    "layers_per_block": 2,
-}
 # name -> (unet overrides or "demo", latent channels, latent side, text shape, pairs per step)
 CONFIGS = {
     "tiny": ({}, 4, 8, (8, 32), 8),
-    "small": (SMALL, 4, 16, (16, 64), 4),
+    "small": (common.SMALL_UNET, 4, 16, (16, 64), 4),
     "demo": ("demo", 3, 32, (16, 384), 8),
 }
 BETA = 500.0

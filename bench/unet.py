@@ -48,14 +48,7 @@ def bench_config(name: str) -> tuple[dict, int, int]:
         return tiny_unet_config("sd15", sample_size=8), 8, 4
     if name == "small":
         cfg = tiny_unet_config("sd15", sample_size=32, cross_attention_dim=128)
-        cfg.update(
-            block_out_channels=[64, 128, 256],
-            down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-            up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-            layers_per_block=2,
-            attention_head_dim=4,
-            norm_num_groups=32,
-        )
+        cfg.update(common.SMALL_UNET)
         return cfg, 77, 4
     if name == "demo":
         from bdpo_demo.model import demo_unet_config
