@@ -186,13 +186,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="timed calls per setting")
     parser.add_argument("--out", default=os.path.join(REPO, "bench/results/dpo_signal.json"))
     args = parser.parse_args()
+    meta = {**common.environment(), "load_avg_before": os.getloadavg()}
     rows = []
     for name in args.model:
         rows += measure(name, args.latent, args.pairs, args.batches, args.dtypes, args.repeats)
+    meta["load_avg_after"] = os.getloadavg()
     print(format_table(rows))
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"beta": BETA, "rows": rows}, f, indent=2)
+    common.write_json(args.out, {"meta": meta, "beta": BETA, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from bench import common  # noqa: E402
+
 GIB = 2**30
 _SHAPES = {  # model -> (config file, unet_config, latent side, text shape, pooled dim)
     "tiny": ("tiny", "tiny:sd15", 8, (8, 32), 0),
@@ -169,16 +171,15 @@ def main() -> None:
     parser.add_argument("--accum", type=int, default=0, help="accumulation (0: the config's)")
     parser.add_argument("--out", default=os.path.join(REPO, "bench/results/memory.json"))
     args = parser.parse_args()
-    rows = []
+    meta, rows = common.environment(), []
     for name in args.model:
         row = compiled_memory(name, args.batch or None, args.accum or None)
         if name != "tiny":
             row["plan_bytes_per_device"] = plan_for(row)
         rows.append(row)
         print(json.dumps(row), flush=True)
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
-        with open(args.out, "w") as f:  # after each model: a long compile keeps what it has
-            json.dump(rows, f, indent=2)
+        # after each model: a long compile keeps what it has
+        common.write_json(args.out, {"meta": meta, "rows": rows})
     print(format_table(rows))
 
 
