@@ -4,8 +4,8 @@
 (bdpo_jax.checkpointing.restore_params), encodes the prompts with the run's text encoder (MiniLM for
 the demo), samples with bdpo_jax.sampling (CFG against the empty prompt) and returns PIL
 images. The starting noise of an image depends only on its seed, so every model sees the same
-noise for the same seed. Latents are pixels here (identity latent encoder): image = (x / s + 1)
-/ 2 with s = the data's vae_scaling_factor.
+noise for the same seed. Latents are pixels, unshuffled or not (bdpo_demo.model.latents_to_images):
+image = (pixels / s + 1) / 2 with s = the data's vae_scaling_factor.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 
+from bdpo_demo import model as demo_model
 from bdpo_jax import checkpointing, export, sampling
 from bdpo_jax.models import UNet2DConditionModel
 
@@ -116,7 +117,7 @@ class JaxGenerator:
         return np.concatenate(out)
 
     def generate(self, prompts: list[str], seeds: list[int]) -> list[PIL.Image.Image]:
-        x_NxCxHxW = self.latents(prompts, seeds)
+        x_NxCxHxW = demo_model.latents_to_images(self.latents(prompts, seeds))
         pixels = np.clip((x_NxCxHxW / self.scaling + 1.0) / 2.0, 0.0, 1.0)
         uint8 = np.round(pixels.transpose(0, 2, 3, 1) * 255).astype(np.uint8)
         return [PIL.Image.fromarray(image) for image in uint8]

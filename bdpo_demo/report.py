@@ -24,7 +24,10 @@ CELL_FIELDS = ("n", "wins", "ties", "losses", "win", "win_low", "win_high", "tie
                "decisive_share", "decisive_low", "decisive_high", "verdict")  # fmt: skip
 # fields of summary.json that do not depend on timing or on the output folder
 TABLE_KEYS = ("train_seeds", "eval", "sft_counts", "pair_counts", "winrates_vs_base",
-              "mean_scores")  # fmt: skip
+              "mean_scores", "base_vs_renders")  # fmt: skip
+# a base "draws like its training data" on a measure when its samples' mean is within this
+# relative distance of the flawed renders' mean (issue 11's criterion)
+BASE_TOLERANCE = 0.15
 
 
 def cell_dict(result: winrate.PairResult) -> dict[str, Any]:
@@ -59,6 +62,22 @@ def render_means(prompts: Sequence[str], flaw_rate: float, per_prompt: int, seed
         kind: {m: float(np.mean(scorers[m].score(*images[kind]))) for m in SCORER_NAMES}
         for kind in images
     }
+
+
+def base_vs_renders(means: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, Any]]:
+    """Per measure: the flawed renders' and the base samples' means, the base's relative
+    difference (base - renders) / |renders| and whether it lies within BASE_TOLERANCE."""
+    out = {}
+    for m in SCORER_NAMES:
+        renders, base = means["flawed_renders"][m], means["base_samples"][m]
+        relative = (base - renders) / abs(renders)
+        out[m] = {
+            "flawed_renders": renders,
+            "base_samples": base,
+            "relative_difference": relative,
+            "within_tolerance": bool(abs(relative) <= BASE_TOLERANCE),
+        }
+    return out
 
 
 def build_summary(
@@ -119,6 +138,7 @@ def build_summary(
         },
         "winrates_vs_base": cells,
         "mean_scores": means,
+        "base_vs_renders": base_vs_renders(means),
         "files": {k: str(v) for k, v in results[seeds[0]].files.items()},
         "eval_dirs": {str(s): str(results[s].files["results"].parent) for s in seeds},
     }
@@ -178,6 +198,18 @@ def means_table(summary: Mapping[str, Any]) -> str:
     return _markdown(["images", *SCORER_NAMES], rows)
 
 
+def base_table(summary: Mapping[str, Any]) -> str:
+    """Flawed renders vs base samples per measure: means, relative difference, verdict."""
+    rows = []
+    for m, c in summary["base_vs_renders"].items():
+        verdict = "within" if c["within_tolerance"] else "**outside**"
+        rows.append([m, f"{c['flawed_renders']:.4g}", f"{c['base_samples']:.4g}",
+                     f"{100 * c['relative_difference']:+.1f}%", verdict])  # fmt: skip
+    header = ["measure", "flawed renders", "base samples", "base vs renders",
+              f"within {100 * BASE_TOLERANCE:.0f}%"]  # fmt: skip
+    return _markdown(header, rows)
+
+
 def write_summary(out: str, config, summary: Mapping[str, Any], results: Mapping) -> None:
     """OUT/summary.json and OUT/summary.md."""
     d = config.demo
@@ -209,6 +241,10 @@ def write_summary(out: str, config, summary: Mapping[str, Any], results: Mapping
         for seed in seeds:
             lines += [f"### Training seed {seed}", "", seed_table(summary, seed), ""]
     lines += [
+        "## Does the base draw like its training data? (held-out prompts)",
+        "",
+        base_table(summary),
+        "",
         "## Mean score per measure (all images of the held-out prompts)",
         "",
         means_table(summary),

@@ -5,7 +5,7 @@ as float32) so that the whole denoising loop is one `jax.lax.fori_loop` under `j
 
     x_in    = c_in[i] * x                                   (Euler's scale_model_input; else 1)
     out     = cfg(model(x_in, t[i]))                        (uncond + g * (cond - uncond))
-    x0[i]   = a[i] * x + b[i] * out                         (epsilon or v -> predicted x0)
+    x0[i]   = a[i] * x + b[i] * out                         (epsilon, v or sample -> x0)
     x_next  = p[i] * x + q[i] * x0[i] + r[i] * x0[i - 1]   (the solver update)
 
 Every scheduler here is linear in (x, out) once clipping/thresholding is off, which is what
@@ -31,8 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bdpo_jax.schedules import PREDICTION_TYPES
+
 SCHEDULERS = ("ddim", "dpmpp", "euler")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
 
 
@@ -44,7 +45,7 @@ class ScheduleConfig:
     beta_schedule: str = "scaled_linear"  # 'scaled_linear' | 'linear'
     beta_start: float = 0.00085
     beta_end: float = 0.012
-    prediction_type: str = "epsilon"  # 'epsilon' | 'v_prediction'
+    prediction_type: str = "epsilon"  # 'epsilon' | 'v_prediction' | 'sample' (x0)
     timestep_spacing: str = "leading"  # 'leading' | 'linspace' | 'trailing'
     steps_offset: int = 1
     set_alpha_to_one: bool = False  # DDIM: alpha_cumprod after the last step (1 or alphas[0])
@@ -218,6 +219,12 @@ def _timesteps(cfg: ScheduleConfig, num_steps: int, scheduler: str) -> np.ndarra
     return np.round(np.arange(T, 0, -ratio)).astype(np.float64) - 1
 
 
+def _x0_is_output(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(a, b) of prediction_type 'sample': the model's output is x0 (every diffusers scheduler:
+    pred_original_sample = model_output)."""
+    return np.zeros(n), np.ones(n)
+
+
 def _ddim_table(cfg: ScheduleConfig, ts: np.ndarray, ac: np.ndarray) -> dict[str, np.ndarray]:
     """DDIMScheduler.step with eta 0 (scheduling_ddim.py), clip_sample off."""
     T, n = cfg.num_train_timesteps, len(ts)
@@ -228,8 +235,10 @@ def _ddim_table(cfg: ScheduleConfig, ts: np.ndarray, ac: np.ndarray) -> dict[str
     ac_prev = np.where(prev >= 0, ac[np.clip(prev, 0, None)], final)
     if cfg.prediction_type == "epsilon":
         a, b = 1 / np.sqrt(ac_t), -np.sqrt(1 - ac_t) / np.sqrt(ac_t)
-    else:
+    elif cfg.prediction_type == "v_prediction":
         a, b = np.sqrt(ac_t), -np.sqrt(1 - ac_t)
+    else:
+        a, b = _x0_is_output(n)
     # x_prev = sqrt(ac_prev) x0 + sqrt(1 - ac_prev) eps, eps = (x - sqrt(ac_t) x0) / sqrt(1 - ac_t)
     p = np.sqrt(1 - ac_prev) / np.sqrt(1 - ac_t)
     q = np.sqrt(ac_prev) - p * np.sqrt(ac_t)
@@ -245,8 +254,10 @@ def _dpmpp_table(cfg: ScheduleConfig, ts: np.ndarray, ac: np.ndarray) -> dict[st
     sigma = sig * alpha
     if cfg.prediction_type == "epsilon":
         a, b = 1 / alpha[:n], -sigma[:n] / alpha[:n]
-    else:
+    elif cfg.prediction_type == "v_prediction":
         a, b = alpha[:n], -sigma[:n]
+    else:
+        a, b = _x0_is_output(n)
     exp_neg_h = sig[1:] / sig[:n]  # exp(-(lambda_{i+1} - lambda_i)), lambda = -log(sig)
     p = sigma[1:] / sigma[:n]
     first_q = -alpha[1:] * (exp_neg_h - 1)
@@ -270,8 +281,10 @@ def _euler_table(cfg: ScheduleConfig, ts: np.ndarray, ac: np.ndarray) -> dict[st
     s = sig[:n]
     if cfg.prediction_type == "epsilon":
         a, b = np.ones(n), -s
-    else:
+    elif cfg.prediction_type == "v_prediction":
         a, b = 1 / (s**2 + 1), -s / np.sqrt(s**2 + 1)
+    else:
+        a, b = _x0_is_output(n)
     p = sig[1:] / s  # x + (x - x0) / s * (s_next - s)
     max_sigma = float(sig.max())
     init = max_sigma if cfg.timestep_spacing != "leading" else float(np.sqrt(max_sigma**2 + 1))

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 BETA_SCHEDULES = ("scaled_linear", "linear")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # config.model.prediction_type
 
 
 class Schedule(NamedTuple):
@@ -121,11 +121,14 @@ def training_target(
     t_B: jax.Array,
     prediction_type: str,
 ) -> jax.Array:
-    """The regression target of the UNet: eps ('epsilon') or v ('v_prediction', SD2.1-768)."""
+    """The regression target of the UNet: eps ('epsilon'), v ('v_prediction', SD2.1-768) or
+    the clean sample x0 ('sample', diffusers' name; DDPMScheduler.step uses the output as x0)."""
     if prediction_type == "epsilon":
         return eps_BxCxHxW
     if prediction_type == "v_prediction":
         return velocity(schedule, x0_BxCxHxW, eps_BxCxHxW, t_B)
+    if prediction_type == "sample":
+        return x0_BxCxHxW
     raise ValueError(
         f"config.model.prediction_type={prediction_type!r}: expected one of {PREDICTION_TYPES}"
     )

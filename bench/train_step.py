@@ -13,8 +13,9 @@ compiled memory analysis for the JAX step and the process's peak RSS (both frame
 Writes bench/results/train_step.json and prints a table.
 
 Configs: "tiny" (tiny SD1.5 UNet, 8 pairs, 4x8x8 latents), "small" (the 17.8M-parameter UNet of
-bench/unet.py, 4 pairs, 4x16x16), "demo" (the demo's UNet and DPO batch: 8 pairs of RGB 32x32
-images, 16 MiniLM tokens of width 384; same loss as the others, epsilon prediction).
+bench/unet.py, 4 pairs, 4x16x16), "demo" (the demo's UNet and DPO batch: 8 pairs of 32x32 RGB
+images unshuffled to 12x16x16, 16 MiniLM tokens of width 384; same loss as the others, epsilon
+prediction).
 """
 
 from __future__ import annotations
@@ -29,13 +30,14 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from bdpo_demo import model as demo_model  # noqa: E402
 from bench import common  # noqa: E402
 
 # name -> (unet overrides or "demo", latent channels, latent side, text shape, pairs per step)
 CONFIGS = {
     "tiny": ({}, 4, 8, (8, 32), 8),
     "small": (common.SMALL_UNET, 4, 16, (16, 64), 4),
-    "demo": ("demo", 3, 32, (16, 384), 8),
+    "demo": ("demo", 3 * demo_model.FACTOR**2, 32 // demo_model.FACTOR, (16, 384), 8),
 }
 BETA = 500.0
 

@@ -24,7 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.compute_dtype = "bfloat16"  # dtype of activations and matmuls
     config.model.remat = True  # per-block gradient checkpointing (nn.remat)
     config.model.attention = "auto"  # 'auto' | 'xla' | 'cudnn' for jax.nn.dot_product_attention
-    config.model.prediction_type = "epsilon"  # 'epsilon' or 'v_prediction' (SD2.1-768)
+    config.model.prediction_type = "epsilon"  # 'epsilon', 'v_prediction' (SD2.1-768), 'sample'
     config.model.init_checkpoint = ""  # Orbax checkpoint dir to take params from ('' = pretrained)
 
     # --- LoRA: adapters on a frozen base instead of full fine-tuning (bdpo_jax.lora) --------

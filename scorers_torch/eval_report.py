@@ -15,6 +15,7 @@ import csv
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import PIL.Image
@@ -337,6 +338,16 @@ def write_image_grid(
 
 
 BETTER, WORSE = "#1a7f37", "#c62828"  # caption colours: higher / lower than the reference
+
+
+def spread(items: Sequence[Any], count: int) -> list[Any]:
+    """`count` of `items` at evenly spaced positions, first and last included, in order (all
+    of them when count >= len(items)): the grid shows the whole prompt set, not its head."""
+    if count >= len(items):
+        return list(items)
+    if count == 1:
+        return [items[0]]
+    return [items[round(i * (len(items) - 1) / (count - 1))] for i in range(count)]
 
 
 def write_score_grid(

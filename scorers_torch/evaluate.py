@@ -326,7 +326,8 @@ def evaluate(
     if grid_prompts > 0:
         files["grid"] = eval_report.write_score_grid(
             out_dir, frame, list(grid_models or model_names), metrics,
-            prompts[:grid_prompts], seed_list[0], cell_size=grid_cell_size, reference=reference,
+            eval_report.spread(prompts, grid_prompts), seed_list[0], cell_size=grid_cell_size,
+            reference=reference,
             abbreviations=grid_labels,
         )  # fmt: skip
     summary = {

@@ -45,7 +45,7 @@ def test_shards_hold_every_rendered_and_sampled_pair(demo_run):
     train, heldout = world.split_specs()
     assert sft["counts"]["read"] == sft["counts"]["written"] == len(train) * d.sft_per_prompt
     assert sft["scorer_names"] == list(pipeline.SCORER_NAMES)
-    assert sft["latent_shape"] == [3, 32, 32] and sft["text_shape"] == [16, 384]
+    assert sft["latent_shape"] == [12, 16, 16] and sft["text_shape"] == [16, 384]
     assert sft["vae_scaling_factor"] == 1.0
     # SFT records store one render twice: every scorer ties, every vote is +1
     assert sft["agreement"]["with_majority"]["per_scorer"] == {
@@ -208,3 +208,18 @@ def test_parse_run_and_bad_entries():
     for bad in ("majority", "x=single:pickscore", "=majority"):
         with pytest.raises(ValueError, match="config.demo.runs"):
             pipeline.parse_run(bad)
+
+
+def test_base_vs_renders_worked_example():
+    means = {
+        "flawed_renders": {"colour": 0.4, "shape": 6.0, "position": 70.0, "sharpness": -0.2},
+        "base_samples": {"colour": 0.3, "shape": 6.6, "position": 70.0, "sharpness": -0.23},
+    }
+    got = report.base_vs_renders(means)
+    assert got["colour"]["relative_difference"] == pytest.approx(-0.25)
+    assert got["shape"]["relative_difference"] == pytest.approx(0.1)
+    assert got["sharpness"]["relative_difference"] == pytest.approx(-0.15)  # -0.03 / |-0.2|
+    within = {m: c["within_tolerance"] for m, c in got.items()}
+    assert within == {"colour": False, "shape": True, "position": True, "sharpness": True}
+    table = report.base_table({"base_vs_renders": got})
+    assert "| colour | 0.4 | 0.3 | -25.0% | **outside** |" in table

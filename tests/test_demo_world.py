@@ -144,11 +144,36 @@ def test_demo_unet_config_builds_the_same_network_in_diffusers_and_flax():
     torch_model = diffusers.UNet2DConditionModel.from_config(cfg)
     flax_model = UNet2DConditionModel.from_config(cfg)
     shapes = jax.eval_shape(
-        flax_model.init, jax.random.PRNGKey(0), np.zeros((1, 3, 32, 32), np.float32),
+        flax_model.init, jax.random.PRNGKey(0), np.zeros((1, 12, 16, 16), np.float32),
         np.zeros((1,), np.float32), np.zeros((1, 4, 24), np.float32),
     )  # fmt: skip
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
     assert count == sum(p.numel() for p in torch_model.parameters())
-    assert cfg["down_block_types"][0] == "DownBlock2D"  # no attention at 32x32
+    assert cfg["down_block_types"][0] == "DownBlock2D"  # no attention at 16x16
+    assert (cfg["in_channels"], cfg["out_channels"], cfg["sample_size"]) == (12, 12, 16)
     with pytest.raises(ValueError, match="at least 2 levels"):
         model.demo_unet_config((8,))
+
+
+@pytest.mark.torch
+def test_pixel_unshuffle_matches_torch_and_round_trips_through_the_encoder_and_generator():
+    torch = pytest.importorskip("torch")
+
+    from bdpo_demo import plugins  # noqa: F401  (registers the latent encoder)
+    from scorers_torch.encoders import IDENTITY_LOGVAR, LATENT_ENCODERS
+
+    images = np.random.default_rng(0).uniform(-1, 1, (2, 3, 32, 32)).astype(np.float32)
+    folded = model.pixel_unshuffle(images)
+    want = torch.nn.functional.pixel_unshuffle(torch.from_numpy(images), 2).numpy()
+    np.testing.assert_array_equal(folded, want)
+    np.testing.assert_array_equal(model.pixel_shuffle(folded), images)
+    np.testing.assert_array_equal(model.latents_to_images(folded), images)
+    np.testing.assert_array_equal(model.latents_to_images(images), images)  # RGB: as is
+    moments = LATENT_ENCODERS.build(model.LATENT_ENCODER).encode(images)
+    assert moments.shape == (2, 2, 12, 16, 16)
+    np.testing.assert_array_equal(moments[:, 0], want)
+    assert np.all(moments[:, 1] == IDENTITY_LOGVAR)
+    with pytest.raises(ValueError, match="neither RGB nor unshuffled RGB"):
+        model.latents_to_images(np.zeros((1, 5, 4, 4), np.float32))
+    with pytest.raises(ValueError, match="not a multiple of 2"):
+        model.pixel_unshuffle(np.zeros((1, 3, 5, 4), np.float32))

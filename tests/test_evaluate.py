@@ -410,6 +410,9 @@ def test_parse_models():
 
 
 def test_report_helpers(tmp_path):
+    assert eval_report.spread(list(range(100)), 6) == [0, 20, 40, 59, 79, 99]
+    assert eval_report.spread(list("abc"), 5) == ["a", "b", "c"]
+    assert eval_report.spread(list("abc"), 1) == ["a"]
     assert eval_report.metric_abbreviations(["pickscore", "hps", "clip", "aesthetic"]) == {
         "pickscore": "P",
         "hps": "H",

@@ -75,6 +75,9 @@ CASES = [  # (scheduler, prediction type, timestep spacing, steps, other schedul
     ("euler", "epsilon", "leading", 12, {}),
     ("euler", "v_prediction", "linspace", 9, {}),
     ("euler", "epsilon", "trailing", 5, {"beta_schedule": "linear"}),
+    ("ddim", "sample", "trailing", 6, {"beta_schedule": "linear"}),
+    ("dpmpp", "sample", "trailing", 10, {"beta_schedule": "linear"}),
+    ("euler", "sample", "leading", 8, {}),
 ]
 
 
@@ -223,8 +226,8 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         sampling.make_sampler_table("heun", 10, cfg)
     with pytest.raises(ValueError, match="num_steps=1001"):
         sampling.make_sampler_table("ddim", 1001, cfg)
-    with pytest.raises(ValueError, match="prediction_type='sample'"):
-        sampling.ScheduleConfig(prediction_type="sample")
+    with pytest.raises(ValueError, match="prediction_type='x0'"):
+        sampling.ScheduleConfig(prediction_type="x0")
     with pytest.raises(ValueError, match="clip_sample=True"):
         sampling.schedule_config_from_diffusers({**SD_SCHEDULER_CONFIG, "clip_sample": True})
     with pytest.raises(ValueError, match="unknown fields"):

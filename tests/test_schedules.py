@@ -91,8 +91,9 @@ def test_training_target(inputs):
         np.asarray(schedules.training_target(*args, "v_prediction")),
         np.asarray(schedules.velocity(*args)),
     )
-    with pytest.raises(ValueError, match="prediction_type='sample'"):
-        schedules.training_target(*args, "sample")
+    np.testing.assert_array_equal(np.asarray(schedules.training_target(*args, "sample")), x0)
+    with pytest.raises(ValueError, match="prediction_type='x0'"):
+        schedules.training_target(*args, "x0")
 
 
 def test_bad_schedule_is_a_clear_error():
