@@ -134,14 +134,11 @@ def test_summary_has_every_cell_per_seed_with_interval_and_verdict(demo_run):
 
 
 def test_generator_is_deterministic_per_seed_and_shared_across_models(demo_run):
-    from bdpo_demo.generator import JaxGenerator
     from scorers_torch.encoders import TEXT_ENCODERS
 
     config, out, _ = demo_run
     encoder = TEXT_ENCODERS.build("minilm")
-    base = JaxGenerator(os.path.join(out, "runs", "base"), text_encoder=encoder,
-                        steps=config.demo.sample_steps, guidance=config.demo.guidance,
-                        batch_size=config.demo.sample_batch)  # fmt: skip
+    base = pipeline.make_generator(os.path.join(out, "runs", "base"), config, encoder)
     prompt = world.all_specs()[0].prompt
     a = base.latents([prompt, prompt, prompt], [7, 8, 7])
     np.testing.assert_array_equal(a[0], a[2])

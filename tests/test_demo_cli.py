@@ -50,3 +50,25 @@ def test_user_errors_are_one_line_and_exit_2(demo_main, tmp_path, capsys):
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert "--out" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.torch
+def test_base_study_reports_base_and_render_means_at_ci_size(demo_main, tmp_path, capsys):
+    pytest.importorskip("torch")
+    from bdpo_demo import base_study, report
+
+    out = str(tmp_path / "study")
+    result = base_study.main(["--out", out, "--ci", "--samples", "1",
+                              "--config.demo.eval_prompts=3"])  # fmt: skip
+    assert result["held_out_prompts"] == 3 and result["samples_per_prompt"] == 1
+    rows = result["base_vs_renders"]
+    assert set(rows) == set(report.SCORER_NAMES)
+    for row in rows.values():
+        want = (row["base_samples"] - row["flawed_renders"]) / abs(row["flawed_renders"])
+        assert row["relative_difference"] == pytest.approx(want)
+    assert os.path.isfile(os.path.join(out, "base_study.json"))
+    assert "| colour |" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        base_study.main(["--out", out, "--samples", "0"])
+    assert exit_info.value.code == 2
+    assert "--samples 0: need at least one image" in capsys.readouterr().err
