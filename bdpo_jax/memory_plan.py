@@ -14,9 +14,10 @@ and, as a separate row, the same without gradient checkpointing (an upper bound)
 residuals until its vjp is done: row remat_recompute is the largest block's (Chen et al. 2016,
 "Training Deep Nets with Sublinear Memory Cost", arXiv:1604.06174, sec. 3: the peak of
 checkpointing is the stored segment inputs plus one segment's intermediates). The total is the
-floor of a well-scheduled step; XLA:CPU's memory-optimized schedule held 1.8x more than the plan
-at SD1.5's config (bench/memory.py: it defers weight gradients, keeping two blocks' recomputed
-intermediates alive, and upcasts bf16 matmul operands to f32 copies), so leave headroom.
+floor of a well-scheduled step; XLA:CPU's memory-optimized schedule held 1.8x the plan at
+SD1.5's config and 6.6x at SDXL's (bench/memory.py: it defers weight gradients, keeping several
+blocks' recomputed intermediates alive, and upcasts bf16 matmul operands to f32 copies), so
+leave headroom.
 
 LoRA (--lora-rank r, config.lora.rank): the frozen base is held once, in the compute dtype
 (row base_params); params, ref_params, optimizer state and gradients are the adapters' (tiny);
