@@ -9,9 +9,15 @@ Rows: params, ref_params, optimizer state (each sharded by bdpo_jax.sharding's r
 (data, fsdp) mesh shape: no devices needed), gradients (same sharding as params) and an
 activation estimate: the residuals the policy's forward saves for the backward pass, traced with
 the per-device micro-batch of 2 x (batch / devices / accum) images (jax's saved_residuals),
-and, as a separate row, the same without gradient checkpointing (an upper bound). With remat,
-XLA's real peak also holds one block's recomputed intermediates and temporaries: treat the total
-as a floor and leave headroom.
+and, as a separate row, the same without gradient checkpointing (an upper bound). With remat
+(nn.remat per UNet block) the backward pass re-runs one block's forward and holds that block's
+residuals until its vjp is done: row remat_recompute is the largest block's (Chen et al. 2016,
+"Training Deep Nets with Sublinear Memory Cost", arXiv:1604.06174, sec. 3: the peak of
+checkpointing is the stored segment inputs plus one segment's intermediates). The total is the
+floor of a well-scheduled step; XLA:CPU's memory-optimized schedule held 1.8x the plan at
+SD1.5's config and 6.6x at SDXL's (bench/memory.py: it defers weight gradients, keeping several
+blocks' recomputed intermediates alive, and upcasts bf16 matmul operands to f32 copies), so
+leave headroom.
 
 LoRA (--lora-rank r, config.lora.rank): the frozen base is held once, in the compute dtype
 (row base_params); params, ref_params, optimizer state and gradients are the adapters' (tiny);
@@ -77,6 +83,45 @@ def _residual_bytes(model, abstract_params, x, t, text, added) -> int:
             if not src.startswith("from the argument")
         )
     )
+
+
+def _remat_eqns(jaxpr) -> list:
+    """The remat (jax.checkpoint) equations of a jaxpr, searched through nested calls."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "remat2":
+            found.append(eqn)
+            continue
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", None)  # a ClosedJaxpr (jit, custom_vjp) or None
+            if inner is not None and hasattr(inner, "eqns"):
+                found.extend(_remat_eqns(inner))
+    return found
+
+
+def _remat_recompute_bytes(model, abstract_params, x, t, text, added) -> int:
+    """The largest remat block's residuals: what the backward holds after re-running that block
+    (each remat equation of the forward's jaxpr is one nn.remat block; params excluded)."""
+    from jax.extend import core as jex_core
+
+    def f(p, x, t, text, added):
+        return model.apply({"params": p}, x, t, text, added_cond_kwargs=added)
+
+    from jax._src.ad_checkpoint import saved_residuals  # no public equivalent yet
+
+    closed = jax.make_jaxpr(f)(abstract_params, x, t, text, added)
+    largest = 0
+    for eqn in _remat_eqns(closed.jaxpr):
+        block = jex_core.jaxpr_as_fun(jex_core.ClosedJaxpr(eqn.params["jaxpr"], []))
+        args = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars]
+        res = saved_residuals(block, *args)
+        held = sum(
+            np.prod(a.shape, dtype=np.int64) * a.dtype.itemsize
+            for a, src in res
+            if not src.startswith("from the argument")
+        )
+        largest = max(largest, int(held))
+    return largest
 
 
 @functools.lru_cache(maxsize=8)
@@ -158,6 +203,9 @@ def memory_plan(
         }
     act = _residual_bytes(model, abstract_params, x, t, text, added) if activations else 0
     act_no_remat = act
+    recompute = 0
+    if remat and activations:
+        recompute = _remat_recompute_bytes(model, abstract_params, x, t, text, added)
     if (
         remat and activations
     ):  # the upper bound: every intermediate saved (no gradient checkpointing)
@@ -182,6 +230,7 @@ def memory_plan(
             "grads": a_bytes * (2 if grad_accum > 1 else 1),
             "merged_kernels": _leaf_bytes_per_device(kernels, ms, rules, fsdp_min_size),
             "activations": act,
+            "remat_recompute": recompute,
         }
         extra = {"lora_rank": int(lora_rank), "lora_targets": list(spec.targets)}
         extra["num_adapter_params"] = lora.count(adapters)
@@ -192,6 +241,7 @@ def memory_plan(
             "opt_state": o_bytes,
             "grads": p_bytes * (2 if grad_accum > 1 else 1),  # + the accumulator
             "activations": act,
+            "remat_recompute": recompute,
         }
     rows["total"] = sum(rows.values())
     rows["activations_without_remat"] = act_no_remat  # not in the total

@@ -45,7 +45,6 @@ copied there and installed without the network:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -53,6 +52,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+from bench import common  # noqa: E402
 
 # dense bf16 tensor-core peak FLOP/s per device (no sparsity), matched on device_kind substrings
 PEAK_BF16_FLOPS = {
@@ -468,6 +469,7 @@ def main(argv: list[str] | None = None) -> dict:
         "backend": jax.default_backend(),
         "device_kind": device.device_kind,
         "jax_version": jax.__version__,
+        "meta": common.environment(),  # machine, load, threads, versions, XLA flags
         "models": [],
     }
     for name in models:
@@ -479,9 +481,7 @@ def main(argv: list[str] | None = None) -> dict:
             if not _is_oom(error):
                 raise
             result["models"].append({"model": name, "error": str(error).splitlines()[0][:300]})
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+        common.write_json(args.out, result)  # after each model: SDXL may still fail
     print(format_table(result))
     return result
 

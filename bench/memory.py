@@ -10,8 +10,27 @@ state donated) lowered and compiled for the mesh, global batch, accumulation, op
 and compute dtype of configs/<model>.py, at the model's native latent size (64 SD1.5, 128 SDXL).
 `compiled.memory_analysis()` (per device under SPMD) gives argument, output, alias and temp bytes;
 XLA's peak estimate is argument + output - alias + temp. The plan's rows are set beside it:
-params + ref_params + opt_state against the arguments, grads + activations against the temps.
+params + ref_params + opt_state against the arguments, the rest (grads, activations,
+remat_recompute) against the temps; plan/XLA is plan total / XLA peak.
 Writes bench/results/memory.json and prints a table (GiB per device; compile seconds).
+
+XLA flags set here unless XLA_FLAGS already names them (the plan describes a GPU run; these make
+the CPU compile that program as far as the CPU backend allows, and make it fit this machine):
+  * --xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED: XLA:CPU's default schedule is
+    concurrency-optimized (it runs independent ops in parallel at the cost of memory); GPU's
+    latency-hiding scheduler is memory-aware. SD1.5 at configs/sd15.py: temp 92.2 GiB with the
+    default, 59.9 GiB with this.
+  * --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true: LLVM codegen
+    only (the full SD1.5 compile went over 24 GiB of host memory without them; with them 2.3
+    GiB); the buffer assignment is the same (the tiny step's memory analysis is identical).
+  * --xla_disable_hlo_passes=cpu-all-reduce-combiner: on SDXL's FSDP step the combiner's
+    reachability rebuilds ran over 25 CPU minutes without finishing; it only merges collectives
+    into larger ones (GPU combines under its own size thresholds), not what a block keeps live.
+Attention: "auto" is "chunked" on CPU (models/flash.py, FlashAttention's algorithm: no [T, S]
+logits kept), the memory class of cuDNN's flash attention on GPU. What stays CPU-specific:
+XLA:CPU upcasts bf16 matmul and convolution operands to f32 copies (GPU runs them in bf16), and
+its scheduler defers weight gradients to the end of the backward pass, keeping recomputed block
+intermediates alive; both put XLA above the plan (see the README's table).
 """
 
 from __future__ import annotations
@@ -22,10 +41,22 @@ import os
 import sys
 import time
 
-if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
+DEFAULT_XLA_FLAGS = {  # flag -> value, each set unless XLA_FLAGS already names it
+    "--xla_force_host_platform_device_count": "8",
+    "--xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
+    "--xla_backend_optimization_level": "0",
+    "--xla_llvm_disable_expensive_passes": "true",
+    "--xla_disable_hlo_passes": "cpu-all-reduce-combiner",
+}
+
+
+def with_default_flags(flags: str) -> str:
+    """`flags` plus each DEFAULT_XLA_FLAGS entry it does not name."""
+    extra = [f"{k}={v}" for k, v in DEFAULT_XLA_FLAGS.items() if k not in flags]
+    return " ".join([flags.strip(), *extra]).strip()
+
+
+os.environ["XLA_FLAGS"] = with_default_flags(os.environ.get("XLA_FLAGS", ""))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,6 +96,7 @@ def compiled_memory(name: str, batch: int | None = None, accum: int | None = Non
     import jax
 
     from bdpo_jax import data, sharding, train, train_state
+    from bdpo_jax.models import attention, dtypes
 
     config = _config(name, batch, accum)
     global_batch = int(config.train.global_batch_size)
@@ -113,6 +145,12 @@ def compiled_memory(name: str, batch: int | None = None, accum: int | None = Non
         "compute_dtype": config.model.compute_dtype,
         "remat": bool(config.model.remat),
         "matched_forward": bool(config.dpo.matched_forward),
+        "attention": attention.attention_implementation(
+            config.model.attention,
+            dtypes.dtype_from_name(config.model.compute_dtype, "compute_dtype"),
+            64,
+        ),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "lower_seconds": lower_s,
         "compile_seconds": compile_s,
         "xla_bytes_per_device": {
@@ -141,10 +179,25 @@ def plan_for(row: dict) -> dict:
     )["bytes_per_device"]
 
 
+def plan_state_bytes(plan: dict) -> int:
+    """The plan's rows that are step arguments: params, reference and optimizer state."""
+    return plan["params"] + plan["ref_params"] + plan["opt_state"]
+
+
+def with_plan(row: dict, plan: dict) -> dict:
+    """`row` with the plan's rows, its temp share (total - state) and plan total / XLA peak."""
+    return {
+        **row,
+        "plan_bytes_per_device": plan,
+        "plan_temp_bytes_per_device": plan["total"] - plan_state_bytes(plan),
+        "plan_over_xla_peak": plan["total"] / row["xla_bytes_per_device"]["peak"],
+    }
+
+
 def format_table(rows: list[dict]) -> str:
     lines = [
         "| model (mesh, batch/accum) | XLA args | plan params+ref+opt | XLA temp | "
-        "plan grads+act | XLA peak | plan total | plan/XLA | compile s |",
+        "plan grads+act+recompute | XLA peak | plan total | plan/XLA | compile s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -152,10 +205,10 @@ def format_table(rows: list[dict]) -> str:
         if p is None:
             plan_state = plan_temp = plan_total = ratio = "-"
         else:
-            plan_state = f"{(p['params'] + p['ref_params'] + p['opt_state']) / GIB:.2f}"
-            plan_temp = f"{(p['grads'] + p['activations']) / GIB:.2f}"
+            plan_state = f"{plan_state_bytes(p) / GIB:.2f}"
+            plan_temp = f"{r['plan_temp_bytes_per_device'] / GIB:.2f}"
             plan_total = f"{p['total'] / GIB:.2f}"
-            ratio = f"{p['total'] / x['peak']:.2f}"
+            ratio = f"{r['plan_over_xla_peak']:.2f}"
         lines.append(
             f"| {r['model']} ({r['mesh']}, {r['global_batch']}/{r['grad_accum']}) | "
             f"{x['argument'] / GIB:.2f} | {plan_state} | {x['temp'] / GIB:.2f} | {plan_temp} | "
@@ -175,7 +228,7 @@ def main() -> None:
     for name in args.model:
         row = compiled_memory(name, args.batch or None, args.accum or None)
         if name != "tiny":
-            row["plan_bytes_per_device"] = plan_for(row)
+            row = with_plan(row, plan_for(row))
         rows.append(row)
         print(json.dumps(row), flush=True)
         # after each model: a long compile keeps what it has
