@@ -1,31 +1,21 @@
 """bench/gpu.py at tiny size on CPU, so the GPU benchmark cannot rot before its GPU run."""
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
+
+from tests.bench_runner import REPO, run_bench
 
 pytestmark = pytest.mark.torch
 pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def test_tiny_run_writes_every_field(tmp_path):
     out = tmp_path / "gpu.json"
-    cmd = [sys.executable, "bench/gpu.py", "--tiny", "--steps", "2", "--warmup", "1"]
-    proc = subprocess.run(
-        [*cmd, "--out", str(out)],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"},
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    cmd = ["bench/gpu.py", "--tiny", "--steps", "2", "--warmup", "1", "--out", str(out)]
+    proc = run_bench(cmd, timeout=900)
     result = json.loads(out.read_text())
     assert result["backend"] == "cpu" and result["device_kind"]
     (model,) = result["models"]

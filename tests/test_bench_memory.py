@@ -2,23 +2,14 @@
 
 import json
 import os
-import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.bench_runner import REPO, run_bench
 
 
 def test_tiny_run_writes_xla_breakdown(tmp_path):
     out = tmp_path / "memory.json"
-    proc = subprocess.run(
-        [sys.executable, "bench/memory.py", "--model", "tiny", "--out", str(out)],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_bench(["bench/memory.py", "--model", "tiny", "--out", str(out)], timeout=600)
     result = json.loads(out.read_text())
     assert result["meta"]["versions"]["jax"]
     (row,) = result["rows"]

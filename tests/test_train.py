@@ -79,7 +79,7 @@ def test_tiny_run_outputs_then_non_finite_loss_stops_with_checkpoint_intact(tmp_
         ),
         ("label.mode", "best_of", "config.label.mode='best_of' is not a label mode"),
         ("data.source", "shards", "config.data.path is required"),
-        ("model.prediction_type", "sample", "config.model.prediction_type='sample'"),
+        ("model.prediction_type", "x0", "config.model.prediction_type='x0'"),
         ("optim.optimizer", "lion", "config.optim.optimizer='lion'"),
         ("mesh.shape", (3, 1), r"config.mesh.shape \(3, 1\) needs 3 devices"),
         ("dpo.ref_update", "swap", "config.dpo.ref_update='swap'"),
