@@ -21,9 +21,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.remat = False
     # x0-prediction ('sample'): the UNet outputs the clean image, so a short-trained model's
     # errors come out smooth. With v-prediction the final image is sqrt(a) x_t - sqrt(1 - a) v:
-    # the base never learnt to cancel the last step's noise (x0 error at t = 50: 0.011 vs 0.031
-    # for x_t itself), which left grain on every background, and the measures count grain as
-    # object pixels (base colour 0.03, position 54 of 100; measured, seed 0)
+    # the short-trained base never learnt to cancel the last step's noise, which left grain on
+    # every background, and the measures count grain as object pixels (README: the base recipes
+    # compared with python -m bdpo_demo.base_study)
     config.model.prediction_type = "sample"
     # pixel space: 2x2-unshuffled pixels in [-1, 1] (bdpo_demo.model), DDPM's linear schedule
     config.diffusion.beta_schedule = "linear"
