@@ -171,3 +171,36 @@ SMALL_UNET = {
     "attention_head_dim": 4,
     "layers_per_block": 2,
 }
+
+
+SD_VAE_SCALING = 0.18215  # SD1.5's VAE scaling factor, used by every synthetic SD-like batch
+
+
+def random_moments(rng, pairs: int, channels: int, side: int, dtype) -> object:
+    """[pairs, 2, C, side, side] VAE moments in the shards' layout: a mean whose scaled latent
+    has unit variance and logvar -6 (numpy `rng`: draws the same numbers for the same calls)."""
+    import numpy as np
+
+    mean = rng.standard_normal((pairs, 1, channels, side, side)) / SD_VAE_SCALING
+    return np.concatenate([mean, np.full_like(mean, -6.0)], axis=1).astype(dtype)
+
+
+def synthetic_info(latent_shape: tuple, text_shape: tuple, pooled_dim: int = 0):
+    """DatasetInfo of a synthetic 4-scorer SD-like batch (no shards behind it)."""
+    import numpy as np
+
+    from bdpo_jax import data
+
+    return data.DatasetInfo(
+        scorer_names=tuple(f"s{k}" for k in range(4)),
+        latent_shape=tuple(latent_shape),
+        text_shape=tuple(text_shape),
+        pooled_dim=pooled_dim or None,
+        views=1,
+        vae_scaling_factor=SD_VAE_SCALING,
+        num_records=0,
+        score_mean=np.zeros(4, np.float32),
+        score_std=np.ones(4, np.float32),
+        empty_text_embeds=np.zeros(text_shape, np.float16),
+        empty_pooled_text_embeds=np.zeros(pooled_dim, np.float16) if pooled_dim else None,
+    )

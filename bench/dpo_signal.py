@@ -50,8 +50,7 @@ def _batch(pairs: int, latent: int, text: tuple[int, int], seed: int):
     rng = np.random.default_rng(seed)
 
     def moments():
-        mean = rng.standard_normal((pairs, 1, 4, latent, latent)) / 0.18215
-        return np.concatenate([mean, np.full_like(mean, -6.0)], axis=1).astype(np.float32)
+        return common.random_moments(rng, pairs, 4, latent, np.float32)
 
     batch = {
         "moments_0": moments(),

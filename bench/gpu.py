@@ -99,24 +99,8 @@ def _config(name: str, attention: str):
 
 
 def _info(name: str):
-    import numpy as np
-
-    from bdpo_jax import data
-
     _, side, text, pooled = MODELS[name]
-    return data.DatasetInfo(
-        scorer_names=tuple(f"s{k}" for k in range(4)),
-        latent_shape=(4, side, side),
-        text_shape=text,
-        pooled_dim=pooled or None,
-        views=1,
-        vae_scaling_factor=0.18215,
-        num_records=0,
-        score_mean=np.zeros(4, np.float32),
-        score_std=np.ones(4, np.float32),
-        empty_text_embeds=np.zeros(text, np.float16),
-        empty_pooled_text_embeds=np.zeros(pooled, np.float16) if pooled else None,
-    )
+    return common.synthetic_info((4, side, side), text, pooled)
 
 
 def make_batch(name: str, pairs: int, seed: int = 0) -> dict:
@@ -127,8 +111,7 @@ def make_batch(name: str, pairs: int, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
 
     def moments():
-        mean = rng.standard_normal((pairs, 1, 4, side, side)) / 0.18215
-        return np.concatenate([mean, np.full_like(mean, -6.0)], axis=1).astype(np.float16)
+        return common.random_moments(rng, pairs, 4, side, np.float16)
 
     batch = {
         "moments_0": moments(),

@@ -63,8 +63,7 @@ def _batch(name: str):
     rng = np.random.default_rng(0)
 
     def moments():
-        mean = rng.standard_normal((pairs, 1, channels, side, side)) / 0.18215
-        return np.concatenate([mean, np.full_like(mean, -6.0)], axis=1).astype(np.float16)
+        return common.random_moments(rng, pairs, channels, side, np.float16)
 
     return {
         "moments_0": moments(),
@@ -94,25 +93,13 @@ def make_jax(name: str, weights_dir: str) -> tuple:
     import jax
     import numpy as np
 
-    from bdpo_jax import data, sharding, train, train_state
+    from bdpo_jax import sharding, train, train_state
     from bdpo_jax.models import UNet2DConditionModel, save_unet
 
     config = _config(name)
     model = UNet2DConditionModel.from_config(_unet_config(name))
     _, channels, side, text_shape, _ = CONFIGS[name]
-    info = data.DatasetInfo(
-        scorer_names=tuple(f"s{k}" for k in range(4)),
-        latent_shape=(channels, side, side),
-        text_shape=text_shape,
-        pooled_dim=None,
-        views=1,
-        vae_scaling_factor=0.18215,
-        num_records=0,
-        score_mean=np.zeros(4, np.float32),
-        score_std=np.ones(4, np.float32),
-        empty_text_embeds=np.zeros(text_shape, np.float16),
-        empty_pooled_text_embeds=None,
-    )
+    info = common.synthetic_info((channels, side, side), text_shape)
     config.dpo.beta = BETA
     step_fn, tx, consts = train.make_train_step(config, info, model)
     mesh = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
