@@ -169,6 +169,7 @@ def stage_base(config, out: str, unet_config: str) -> str:
             "optim.warmup_steps": int(d.base_warmup), "optim.schedule": str(d.base_schedule),
             "train.steps": int(d.base_steps),
             "train.global_batch_size": int(d.base_batch),
+            "diffusion.snr_gamma": float(d.base_snr_gamma),
         },
     )  # fmt: skip
     workdir = os.path.join(out, "runs", "base")

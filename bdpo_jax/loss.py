@@ -128,6 +128,10 @@ def dpo_loss(
     return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
 
 
-def sft_loss(model_mse_w_B: jax.Array) -> jax.Array:
-    """Plain supervised fine-tuning on the winners: mean per-image mse."""
-    return jnp.mean(jnp.asarray(model_mse_w_B, jnp.float32))
+def sft_loss(model_mse_w_B: jax.Array, weights_B: jax.Array | None = None) -> jax.Array:
+    """Plain supervised fine-tuning on the winners: mean per-image mse, each image's mse times
+    its weight when `weights_B` is given (e.g. schedules.min_snr_weights)."""
+    mse_B = jnp.asarray(model_mse_w_B, jnp.float32)
+    if weights_B is None:
+        return jnp.mean(mse_B)
+    return jnp.mean(jnp.asarray(weights_B, jnp.float32) * mse_B)

@@ -134,6 +134,28 @@ def training_target(
     )
 
 
+def min_snr_weights(
+    schedule: Schedule, t_B: jax.Array, snr_gamma: float, prediction_type: str
+) -> jax.Array:
+    """Min-SNR-gamma loss weights [B] (Hang et al. 2023), as diffusers' train_text_to_image.py
+    applies --snr_gamma: min(SNR_t, gamma) with SNR_t = abar_t / (1 - abar_t)
+    (diffusers.training_utils.compute_snr), divided by SNR_t for 'epsilon' and by SNR_t + 1 for
+    'v_prediction'; for 'sample' (x0) the weight is min(SNR_t, gamma) itself. Each is the same
+    weighting of the x0 error: min(SNR_t, gamma) * |x0_hat - x0|^2."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(
+            f"config.model.prediction_type={prediction_type!r}: expected one of {PREDICTION_TYPES}"
+        )
+    abar_B = jnp.take(schedule.alphas_cumprod_T, jnp.asarray(t_B), axis=0)
+    snr_B = abar_B / (1.0 - abar_B)
+    weights_B = jnp.minimum(snr_B, jnp.float32(snr_gamma))
+    if prediction_type == "epsilon":
+        return weights_B / snr_B
+    if prediction_type == "v_prediction":
+        return weights_B / (snr_B + 1.0)
+    return weights_B
+
+
 def sample_timesteps(rng: jax.Array, batch: int, num_train_timesteps: int) -> jax.Array:
     """int32 [batch] uniform in [0, num_train_timesteps), like torch.randint(0, T, (batch,))."""
     return jax.random.randint(rng, (batch,), 0, num_train_timesteps, dtype=jnp.int32)

@@ -66,6 +66,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"config.model.prediction_type={config.model.prediction_type!r}: expected one of "
             f"{schedules.PREDICTION_TYPES}"
         )
+    snr_gamma = float(config.diffusion.snr_gamma)
+    if snr_gamma < 0 or (snr_gamma > 0 and config.label.mode != "sft"):
+        raise ConfigError(
+            f"config.diffusion.snr_gamma={snr_gamma}: must be >= 0, and > 0 only with "
+            f"config.label.mode='sft' (got {config.label.mode!r}; the DPO loss is unweighted)"
+        )
     for name in ("steps", "global_batch_size", "log_every", "checkpoint_every"):
         if int(config.train[name]) < 1:
             raise ConfigError(f"config.train.{name} must be >= 1, got {config.train[name]}")
@@ -125,6 +131,7 @@ def make_train_step(
         vae_scaling_factor=float(info.vae_scaling_factor),
         proportion_empty_prompts=float(config.dpo.proportion_empty_prompts),
         matched_forward=bool(config.dpo.matched_forward),
+        snr_gamma=float(config.diffusion.snr_gamma),
     )
     step_fn = functools.partial(
         train_step.train_step,

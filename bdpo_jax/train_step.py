@@ -251,10 +251,12 @@ def sft_loss_fn(
     prediction_type: str,
     vae_scaling_factor: float,
     proportion_empty_prompts: float,
+    snr_gamma: float = 0.0,
 ) -> tuple[jax.Array, Metrics]:
     """Plain SFT on the winners (label = the winner's index), as Diffusion-DPO's --sft loads only
     winners: one UNet call on the B winners with their pair's noise and timestep. The
-    reference is not used."""
+    reference is not used. snr_gamma > 0: each image's mse weighted by
+    `schedules.min_snr_weights` (Min-SNR-gamma); 0: the plain mean (the authors')."""
     del ref_params
     x0_1, x0_2, eps_B, t_B, text_B, added_B = _noised_pairs(
         mb,
@@ -266,7 +268,12 @@ def sft_loss_fn(
     )
     x0_w = jnp.where((label == 0)[:, None, None, None], x0_1, x0_2)
     mse_w_B = _mse_fn(model, schedule, prediction_type, x0_w, eps_B, t_B, text_B, added_B)(params)
-    return loss_lib.sft_loss(mse_w_B), {"model_mse": mse_w_B.mean()}
+    weights_B = (
+        schedules.min_snr_weights(schedule, t_B, snr_gamma, prediction_type)
+        if snr_gamma > 0
+        else None
+    )
+    return loss_lib.sft_loss(mse_w_B, weights_B), {"model_mse": mse_w_B.mean()}
 
 
 def make_loss_fn(
@@ -278,13 +285,20 @@ def make_loss_fn(
     vae_scaling_factor: float,
     proportion_empty_prompts: float,
     matched_forward: bool = False,
+    snr_gamma: float = 0.0,
 ) -> LossFn:
     """`dpo_loss_fn` or `sft_loss_fn` (kind 'dpo' | 'sft') with the model and knobs bound
-    (matched_forward: DPO only, see `dpo_mse`)."""
+    (matched_forward: DPO only, see `dpo_mse`; snr_gamma: SFT only, see `sft_loss_fn`)."""
     fns = {"dpo": dpo_loss_fn, "sft": sft_loss_fn}
     if kind not in fns:
         raise ValueError(f"loss kind {kind!r}: expected one of {sorted(fns)}")
-    extra = {"matched_forward": bool(matched_forward)} if kind == "dpo" else {}
+    if kind == "dpo" and snr_gamma:
+        raise ValueError(f"snr_gamma={snr_gamma}: the DPO loss is unweighted (SFT only)")
+    extra = (
+        {"matched_forward": bool(matched_forward)}
+        if kind == "dpo"
+        else {"snr_gamma": float(snr_gamma)}
+    )
     return functools.partial(
         fns[kind],
         **extra,

@@ -41,6 +41,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.diffusion.beta_start = 0.00085  # first beta
     config.diffusion.beta_end = 0.012  # last beta
     config.diffusion.vae_scaling_factor = 0.18215  # latents = sample * factor; the data's wins
+    # label mode 'sft' only: Min-SNR-gamma loss weights (diffusers' --snr_gamma; 0 = off, plain
+    # mean mse as the authors' --sft); Diffusion-DPO's loss is unweighted
+    config.diffusion.snr_gamma = 0.0
 
     # --- data -------------------------------------------------------------------------------
     config.data = ml_collections.ConfigDict()

@@ -53,11 +53,12 @@ def get_config() -> ml_collections.ConfigDict:
     d.sft_per_prompt = 20  # flawed renders per training prompt (72 of the 180: world.split_specs)
     d.flaw_rate = 0.45  # probability of each flaw (colour, shape, position, blur), independent
     # the 15-minute budget on 2 cores sets the sizes below (README: what the base draws)
-    d.base_steps = 1500  # SFT optimiser steps
+    d.base_steps = 2000  # SFT optimiser steps
     d.base_batch = 32  # SFT images per step
     d.base_lr = 2e-3  # SFT Adam peak learning rate
     d.base_warmup = 50  # SFT warm-up steps
     d.base_schedule = "cosine"  # SFT learning rate after warm-up: cosine decay to 0
+    d.base_snr_gamma = 0.0  # SFT Min-SNR-gamma loss weights (config.diffusion.snr_gamma; 0 = off)
     # stage 3: on-policy pairs
     d.pair_prompts = 0  # training prompts to sample pairs for (0 = all 72; spread evenly)
     d.pairs_per_prompt = 2  # pairs sampled per prompt (2 images each, different seeds)
@@ -67,7 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
     # stage 4: DPO runs
     d.dpo_steps = 30  # optimiser steps per run
     d.dpo_batch = 8  # pairs per step
-    d.dpo_lr = 1e-4  # Adam learning rate
+    d.dpo_lr = 3e-5  # Adam learning rate
     d.dpo_warmup = 5  # warm-up steps
     d.beta = 1000.0  # Diffusion-DPO beta
     d.ref_update_every = 20  # T for BalancedDPO (reference <- policy every T steps)

@@ -96,6 +96,28 @@ def test_training_target(inputs):
         schedules.training_target(*args, "x0")
 
 
+@pytest.mark.parametrize("prediction_type", schedules.PREDICTION_TYPES)
+def test_min_snr_weights_match_diffusers_snr_gamma_recipe(prediction_type):
+    from diffusers.training_utils import compute_snr
+
+    ours = schedules.make_schedule(1000, "scaled_linear", 0.00085, 0.012)
+    ref = _diffusers("scaled_linear", 0.00085, 0.012)
+    t = np.array([0, 1, 100, 250, 500, 998, 999], np.int64)
+    snr = compute_snr(ref, torch.from_numpy(t))
+    # diffusers' train_text_to_image.py --snr_gamma 5, with 'sample' left at min(snr, gamma)
+    want = torch.stack([snr, 5.0 * torch.ones_like(snr)], dim=1).min(dim=1)[0]
+    if prediction_type == "epsilon":
+        want = want / snr
+    elif prediction_type == "v_prediction":
+        want = want / (snr + 1)
+    got = schedules.min_snr_weights(ours, jnp.asarray(t, jnp.int32), 5.0, prediction_type)
+    np.testing.assert_allclose(np.asarray(got), want.numpy(), rtol=2e-6)
+    if prediction_type == "epsilon":  # noisy end: SNR < gamma, plain eps mse; clean end: gamma/SNR
+        assert float(got[-1]) == pytest.approx(1.0) and float(got[0]) < 0.01
+    with pytest.raises(ValueError, match="prediction_type='x0'"):
+        schedules.min_snr_weights(ours, jnp.asarray(t, jnp.int32), 5.0, "x0")
+
+
 def test_bad_schedule_is_a_clear_error():
     with pytest.raises(ValueError, match="config.diffusion.beta_schedule='cosine'"):
         schedules.make_schedule(beta_schedule="cosine")

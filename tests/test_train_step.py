@@ -147,6 +147,8 @@ def _manual_loss(setup: _Setup, label=None):
         "model_diff": np.mean(label * (m1 - m2)),
         # plain SFT on the majority winner (image 1 on a tie), same noise and timestep
         "sft_loss": np.mean(np.where(label >= 0, m1, m2)),
+        "sft_mse": np.where(label >= 0, m1, m2),
+        "snr": acp[t] / (1.0 - acp[t]),
     }
 
 
@@ -200,6 +202,28 @@ def test_sft_step_is_the_mean_mse_of_the_winners():
     want = _manual_loss(s)
     assert float(metrics["loss"]) == pytest.approx(want["sft_loss"], rel=2e-6)
     assert float(metrics["model_mse"]) == pytest.approx(want["sft_loss"], rel=2e-6)
+
+
+def test_sft_min_snr_weights_each_winner_by_its_timestep():
+    # Min-SNR-5 for epsilon-prediction, written out: min(SNR_t, 5) / SNR_t per image
+    s = _probe_setup(label__mode="sft", diffusion__snr_gamma=5.0)
+    _, metrics = s.step(s.state, s.batch, s.consts)
+    want = _manual_loss(s)
+    snr = want["snr"]
+    assert snr.min() < 5.0 < snr.max()  # both branches of the min occur in this batch
+    weighted = np.mean(np.minimum(snr, 5.0) / snr * want["sft_mse"])
+    assert float(metrics["loss"]) == pytest.approx(weighted, rel=2e-6)
+    assert float(metrics["model_mse"]) == pytest.approx(want["sft_loss"], rel=2e-6)
+
+
+def test_snr_gamma_outside_sft_is_a_config_error():
+    config = tiny.get_config()
+    config.diffusion.snr_gamma = 5.0
+    with pytest.raises(schema.ConfigError, match="config.diffusion.snr_gamma=5.0"):
+        train.validate_config(config)
+    config.label.mode, config.diffusion.snr_gamma = "sft", -1.0
+    with pytest.raises(schema.ConfigError, match="must be >= 0"):
+        train.validate_config(config)
 
 
 def test_all_prompts_dropped_equals_empty_text_input():
