@@ -21,10 +21,20 @@ device; compile seconds; XLA's HloCostAnalysis FLOPs of the step per device).
 virtualenv). There attention "auto" is what it picks on that GPU (models/attention.gpu_attention:
 cuDNN flash attention for bf16 self-attention on Hopper, the XLA path for the 77-token
 cross-attention), and the FLOPs come from the unoptimised HLO (the compile-only executable has
-no cost analysis). One XLA flag is set there: --xla_gpu_enable_triton_gemm=false (cuBLAS for every
-matmul). Without a GPU XLA cannot autotune, and the Triton tiling it falls back to failed for
-SD1.5's [131072, 320] x [320, 320] attention output projection ("Couldn't find output tile sizes
-that satisfy hlo"); on a GPU the autotuner picks cuBLAS or a Triton tiling that compiles.
+no cost analysis). XLA flags set for a GPU target unless XLA_FLAGS already names them:
+  * --xla_gpu_enable_triton_gemm=false: cuBLAS for every matmul. Without a GPU XLA cannot
+    autotune, and the Triton tiling it falls back to failed for SD1.5's [131072, 320] x
+    [320, 320] attention output projection ("Couldn't find output tile sizes that satisfy hlo");
+    on a GPU the autotuner picks cuBLAS or a Triton tiling that compiles.
+  * SDXL only (GPU_COMPILER_OPTIONS): xla_disable_hlo_passes=gpu-all-reduce-combiner. As on CPU,
+    the combiner's reachability rebuilds on SDXL's FSDP step ran 23 CPU minutes without
+    finishing. It is not neutral on GPU: SD1.5 without it held 34.14 instead of 27.46 GiB of
+    temporaries (peak 46.96 instead of 40.27), so SDXL's figure is high by a like share.
+SDXL (configs/sdxl.py's FSDP mesh (1, 8)) with cuDNN attention does not compile: jax 0.10's
+custom_partitioning of the cuDNN attention call is handed a heads-split sharding it cannot map
+onto the mesh (IndivisibleError: "shape=[1, 1, 2, 1, 4] is incompatible with mesh_shape ...
+('fsdp', 8)"), on a GPU as here; its row uses --attention chunked (flash.py, the same memory
+class: no [T, S] logits kept).
 
 XLA flags set for --target cpu unless XLA_FLAGS already names them (the plan describes a GPU run;
 these make the CPU compile that program as far as the CPU backend allows, and make it fit this
@@ -63,8 +73,11 @@ DEFAULT_XLA_FLAGS = {  # flag -> value, each set unless XLA_FLAGS already names 
 }
 
 
-GPU_XLA_FLAGS = {  # for a GPU target: no autotuning without a GPU, see the module docstring
+GPU_XLA_FLAGS = {  # for a GPU target, set unless XLA_FLAGS names it: see the docstring
     "--xla_gpu_enable_triton_gemm": "false",
+}
+GPU_COMPILER_OPTIONS = {  # model -> XLA debug options of its GPU compile only (docstring)
+    "sdxl": {"xla_disable_hlo_passes": "gpu-all-reduce-combiner"},
 }
 
 
@@ -137,12 +150,16 @@ def gpu_auto_attention(spec, compute_dtype: str, capability: float, text_len: in
 
 
 def compiled_memory(
-    name: str, batch: int | None = None, accum: int | None = None, target: str = "cpu"
+    name: str,
+    batch: int | None = None,
+    accum: int | None = None,
+    target: str = "cpu",
+    attention_choice: str = "",
 ) -> dict:
     """Lower and compile the DPO step of `name` on DEVICES (fake CPU or compile-only GPU)
     devices; its memory analysis and FLOPs."""
     if target == "cpu":
-        return _compiled_memory(name, batch, accum, None)
+        return _compiled_memory(name, batch, accum, attention_choice, None)
     with open(gpu_target.spec_path(target)) as f:
         spec_text = f.read()
     spec = gpu_target.parse_spec(spec_text)
@@ -150,16 +167,17 @@ def compiled_memory(
 
     capability = spec["compute_capability"]  # "auto" and jax's cuDNN checks as on that GPU:
     with attention.gpu_target(capability), gpu_target.cudnn_capability(capability):
-        return _compiled_memory(name, batch, accum, (target, spec_text, spec))
+        return _compiled_memory(name, batch, accum, attention_choice, (target, spec_text, spec))
 
 
-def _compiled_memory(name, batch, accum, gpu: tuple[str, str, dict] | None) -> dict:
+def _compiled_memory(name, batch, accum, attention_choice, gpu) -> dict:
     import jax
 
     from bdpo_jax import data, sharding, train, train_state
     from bdpo_jax.models import attention, dtypes
 
     config = _config(name, batch, accum)
+    config.model.attention = attention_choice or config.model.attention
     global_batch = int(config.train.global_batch_size)
     target, spec = "cpu", None
     devices = jax.devices()[:DEVICES]
@@ -195,8 +213,9 @@ def _compiled_memory(name, batch, accum, gpu: tuple[str, str, dict] | None) -> d
     lowered = jit_step.lower(state, batch_abs, consts)
     lower_s = time.perf_counter() - t0
     flops = gpu_target.step_flops(lowered)
+    options = GPU_COMPILER_OPTIONS.get(name, {}) if gpu is not None else {}
     t0 = time.perf_counter()
-    compiled = lowered.compile()
+    compiled = lowered.compile(compiler_options=options or None)
     compile_s = time.perf_counter() - t0
     ma = compiled.memory_analysis()
     arg, out = ma.argument_size_in_bytes, ma.output_size_in_bytes
@@ -228,6 +247,7 @@ def _compiled_memory(name, batch, accum, gpu: tuple[str, str, dict] | None) -> d
         "matched_forward": bool(config.dpo.matched_forward),
         "attention": impl,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "compiler_options": options,
         "lower_seconds": lower_s,
         "compile_seconds": compile_s,
         "xla_flops_per_step": flops,  # all devices; HloCostAnalysis of the unoptimised HLO
@@ -312,6 +332,12 @@ def main() -> None:
         help="compile for 8 fake CPU devices or 8 GPUs of bench/gpu_specs/ (no GPU needed)",
     )
     parser.add_argument(
+        "--attention",
+        default="",
+        choices=("", "auto", "xla", "cudnn", "chunked"),
+        help="config.model.attention (default: the config's, 'auto')",
+    )
+    parser.add_argument(
         "--out", default="", help="JSON (default bench/results/memory.json, memory_gpu.json)"
     )
     args = parser.parse_args()
@@ -323,7 +349,9 @@ def main() -> None:
     )
     meta, rows = common.environment(), []
     for name in args.model:
-        row = compiled_memory(name, args.batch or None, args.accum or None, args.target)
+        row = compiled_memory(
+            name, args.batch or None, args.accum or None, args.target, args.attention
+        )
         if name != "tiny":
             row = with_plan(row, plan_for(row))
         rows.append(row)
