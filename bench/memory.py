@@ -30,6 +30,10 @@ no cost analysis). XLA flags set for a GPU target unless XLA_FLAGS already names
     the combiner's reachability rebuilds on SDXL's FSDP step ran 23 CPU minutes without
     finishing. It is not neutral on GPU: SD1.5 without it held 34.14 instead of 27.46 GiB of
     temporaries (peak 46.96 instead of 40.27), so SDXL's figure is high by a like share.
+    configs/sdxl.py's 128 pairs without accumulation need more than the GPU's memory (plan: 150
+    GiB): XLA:GPU then rematerializes on its own (HloRematerialization, still running after 10
+    CPU minutes). Raising its memory limit (xla_gpu_memory_limit_slop_factor=10000) turns off
+    the scheduler's memory pressure as well: 714 GiB. The SDXL row is at --accum 4.
 SDXL (configs/sdxl.py's FSDP mesh (1, 8)) with cuDNN attention does not compile: jax 0.10's
 custom_partitioning of the cuDNN attention call is handed a heads-split sharding it cannot map
 onto the mesh (IndivisibleError: "shape=[1, 1, 2, 1, 4] is incompatible with mesh_shape ...
