@@ -17,7 +17,10 @@ checkpointing is the stored segment inputs plus one segment's intermediates). Th
 floor of a well-scheduled step; XLA:CPU's memory-optimized schedule held 1.8x the plan at
 SD1.5's config and 6.6x at SDXL's (bench/memory.py: it defers weight gradients, keeping several
 blocks' recomputed intermediates alive, and upcasts bf16 matmul operands to f32 copies), so
-leave headroom.
+leave headroom. XLA's GPU program for 8 H100s (bench/memory.py --target gpu-h100, compiled
+without a GPU) held 0.99x the plan's total at SD1.5's config (40.27 GiB), though not the same
+buffers: at its peak it keeps parts of every block's backward (activation gradients and
+recomputed intermediates whose weight gradients come later), not one whole block's recompute.
 
 LoRA (--lora-rank r, config.lora.rank): the frozen base is held once, in the compute dtype
 (row base_params); params, ref_params, optimizer state and gradients are the adapters' (tiny);

@@ -6,7 +6,9 @@
 
 JAX: the trainer's own step (`train.make_train_step` + `train.jit_train_step`, state donated) of
 configs/sd15.py (configs/sdxl.py) on one device: random init, 64x64 (128x128) latents, bf16
-compute, cuDNN attention via jax.nn.dot_product_attention (config.model.attention='cudnn'),
+compute, attention 'auto' (models/attention.gpu_attention: cuDNN flash attention through
+jax.nn.dot_product_attention for self-attention, its XLA path for the 77-token cross-attention,
+whose odd length jax 0.10's cuDNN attention refuses to differentiate),
 remat as in the config, the default DPO recipe (config.dpo.matched_forward), the config's
 optimizer. Batch search: each candidate global batch (pairs) is compiled and XLA's memory
 analysis checked against the device's bytes_limit; the largest that fits (then runs) is used.
@@ -353,7 +355,7 @@ def bench_model(name: str, batches, steps: int, warmup: int, with_torch: bool) -
     import jax
 
     on_gpu = jax.default_backend() == "gpu"
-    attention = "cudnn" if on_gpu else "xla"
+    attention = "auto" if on_gpu else "xla"  # on GPU: cuDNN where it can differentiate
     device = jax.devices()[0]
     jstep, tried = search_jax(name, batches, attention)
     out = {"model": name, "batch_search": tried, "attention": attention}

@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python bench/memory.py                    # sd15 and sdxl on 8 fake CPU devices
     PYTHONPATH=. python bench/memory.py --model tiny       # the same path on a tiny UNet
+    PYTHONPATH=. /work/venv_gpuaot/bin/python bench/memory.py --target gpu-h100   # 8 H100s
 
 Compile only, nothing is executed: the abstract state from `jax.eval_shape`
 (`train_state.make_initializers`), the batch and the step's constants as ShapeDtypeStructs with
@@ -12,10 +13,36 @@ and compute dtype of configs/<model>.py, at the model's native latent size (64 S
 XLA's peak estimate is argument + output - alias + temp. The plan's rows are set beside it:
 params + ref_params + opt_state against the arguments, the rest (grads, activations,
 remat_recompute) against the temps; plan/XLA is plan total / XLA peak.
-Writes bench/results/memory.json and prints a table (GiB per device; compile seconds).
+Writes bench/results/memory.json (memory_gpu.json for a GPU target) and prints a table (GiB per
+device; compile seconds; XLA's HloCostAnalysis FLOPs of the step per device).
 
-XLA flags set here unless XLA_FLAGS already names them (the plan describes a GPU run; these make
-the CPU compile that program as far as the CPU backend allows, and make it fit this machine):
+--target gpu-h100 / gpu-h200 compiles the same step for 8 GPUs of bench/gpu_specs/ without a GPU
+(bench/gpu_target.py: needs jax-cuda12-plugin[with-cuda] at jax's version, best in its own
+virtualenv). There attention "auto" is what it picks on that GPU (models/attention.gpu_attention:
+cuDNN flash attention for bf16 self-attention on Hopper, the XLA path for the 77-token
+cross-attention), and the FLOPs come from the unoptimised HLO (the compile-only executable has
+no cost analysis). XLA flags set for a GPU target unless XLA_FLAGS already names them:
+  * --xla_gpu_enable_triton_gemm=false: cuBLAS for every matmul. Without a GPU XLA cannot
+    autotune, and the Triton tiling it falls back to failed for SD1.5's [131072, 320] x
+    [320, 320] attention output projection ("Couldn't find output tile sizes that satisfy hlo");
+    on a GPU the autotuner picks cuBLAS or a Triton tiling that compiles.
+  * SDXL only (GPU_COMPILER_OPTIONS): xla_disable_hlo_passes=gpu-all-reduce-combiner. As on CPU,
+    the combiner's reachability rebuilds on SDXL's FSDP step ran 23 CPU minutes without
+    finishing. It is not neutral on GPU: SD1.5 without it held 34.14 instead of 27.46 GiB of
+    temporaries (peak 46.96 instead of 40.27), so SDXL's figure is high by a like share.
+    configs/sdxl.py's 128 pairs without accumulation need more than the GPU's memory (plan: 150
+    GiB): XLA:GPU then rematerializes on its own (HloRematerialization, still running after 10
+    CPU minutes). Raising its memory limit (xla_gpu_memory_limit_slop_factor=10000) turns off
+    the scheduler's memory pressure as well: 714 GiB. The SDXL row is at --accum 4.
+SDXL (configs/sdxl.py's FSDP mesh (1, 8)) with cuDNN attention does not compile: jax 0.10's
+custom_partitioning of the cuDNN attention call is handed a heads-split sharding it cannot map
+onto the mesh (IndivisibleError: "shape=[1, 1, 2, 1, 4] is incompatible with mesh_shape ...
+('fsdp', 8)"), on a GPU as here; its row uses --attention chunked (flash.py, the same memory
+class: no [T, S] logits kept).
+
+XLA flags set for --target cpu unless XLA_FLAGS already names them (the plan describes a GPU run;
+these make the CPU compile that program as far as the CPU backend allows, and make it fit this
+machine):
   * --xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED: XLA:CPU's default schedule is
     concurrency-optimized (it runs independent ops in parallel at the cost of memory); GPU's
     latency-hiding scheduler is memory-aware. SD1.5 at configs/sd15.py: temp 92.2 GiB with the
@@ -50,21 +77,39 @@ DEFAULT_XLA_FLAGS = {  # flag -> value, each set unless XLA_FLAGS already names 
 }
 
 
-def with_default_flags(flags: str) -> str:
-    """`flags` plus each DEFAULT_XLA_FLAGS entry it does not name."""
-    extra = [f"{k}={v}" for k, v in DEFAULT_XLA_FLAGS.items() if k not in flags]
+GPU_XLA_FLAGS = {  # for a GPU target, set unless XLA_FLAGS names it: see the docstring
+    "--xla_gpu_enable_triton_gemm": "false",
+}
+GPU_COMPILER_OPTIONS = {  # model -> XLA debug options of its GPU compile only (docstring)
+    "sdxl": {"xla_disable_hlo_passes": "gpu-all-reduce-combiner"},
+}
+
+
+def with_default_flags(flags: str, defaults: dict[str, str] = DEFAULT_XLA_FLAGS) -> str:
+    """`flags` plus each `defaults` entry it does not name."""
+    extra = [f"{k}={v}" for k, v in defaults.items() if k not in flags]
     return " ".join([flags.strip(), *extra]).strip()
 
 
-os.environ["XLA_FLAGS"] = with_default_flags(os.environ.get("XLA_FLAGS", ""))
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+def set_environment(target: str) -> None:
+    """Before jax starts a backend: CPU devices only (a GPU target compiles for devices that the
+    CUDA plugin describes, and JAX_PLATFORMS=cpu keeps it from looking for a driver); the CPU
+    target's flags."""
+    if target == "cpu":
+        os.environ["XLA_FLAGS"] = with_default_flags(os.environ.get("XLA_FLAGS", ""))
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    else:
+        os.environ["XLA_FLAGS"] = with_default_flags(os.environ.get("XLA_FLAGS", ""), GPU_XLA_FLAGS)
+        os.environ["JAX_PLATFORMS"] = "cpu"
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from bench import common  # noqa: E402
+from bench import common, gpu_target  # noqa: E402
 
 GIB = 2**30
+DEVICES = 8
 _SHAPES = {  # model -> (config file, unet_config, latent side, text shape, pooled dim)
     "tiny": ("tiny", "tiny:sd15", 8, (8, 32), 0),
     "sd15": ("sd15", "sd15", 64, (77, 768), 0),
@@ -91,16 +136,59 @@ def _config(name: str, batch: int | None, accum: int | None):
     return config
 
 
-def compiled_memory(name: str, batch: int | None = None, accum: int | None = None) -> dict:
-    """Lower and compile the DPO step of `name` on all (fake) devices; its memory analysis."""
+def gpu_auto_attention(spec, compute_dtype: str, capability: float, text_len: int) -> str:
+    """What "auto" picks on a CUDA GPU of `capability` for a UNet `spec`'s self-attention (even
+    token counts) and cross-attention (`text_len` tokens), over its levels' head dims
+    (models/attention.gpu_attention), e.g. "self cudnn, cross xla"."""
+    from bdpo_jax.models import attention, dtypes
+
+    dtype = dtypes.dtype_from_name(compute_dtype, "compute_dtype")
+    dims = {c // h for c, h in zip(spec.block_out_channels, spec.num_heads, strict=True) if h}
+
+    def picks(kv_len: int) -> str:
+        return "+".join(
+            sorted({attention.gpu_attention(dtype, d, capability, 64, kv_len) for d in dims})
+        )
+
+    return f"self {picks(64)}, cross {picks(text_len)}"
+
+
+def compiled_memory(
+    name: str,
+    batch: int | None = None,
+    accum: int | None = None,
+    target: str = "cpu",
+    attention_choice: str = "",
+) -> dict:
+    """Lower and compile the DPO step of `name` on DEVICES (fake CPU or compile-only GPU)
+    devices; its memory analysis and FLOPs."""
+    if target == "cpu":
+        return _compiled_memory(name, batch, accum, attention_choice, None)
+    with open(gpu_target.spec_path(target)) as f:
+        spec_text = f.read()
+    spec = gpu_target.parse_spec(spec_text)
+    from bdpo_jax.models import attention
+
+    capability = spec["compute_capability"]  # "auto" and jax's cuDNN checks as on that GPU:
+    with attention.gpu_target(capability), gpu_target.cudnn_capability(capability):
+        return _compiled_memory(name, batch, accum, attention_choice, (target, spec_text, spec))
+
+
+def _compiled_memory(name, batch, accum, attention_choice, gpu) -> dict:
     import jax
 
     from bdpo_jax import data, sharding, train, train_state
     from bdpo_jax.models import attention, dtypes
 
     config = _config(name, batch, accum)
+    config.model.attention = attention_choice or config.model.attention
     global_batch = int(config.train.global_batch_size)
-    mesh = sharding.make_mesh(config.mesh.shape)
+    target, spec = "cpu", None
+    devices = jax.devices()[:DEVICES]
+    if gpu is not None:
+        target, spec_text, spec = gpu
+        devices = gpu_target.topology_devices(spec_text, DEVICES)
+    mesh = sharding.make_mesh(config.mesh.shape, devices=devices)
     ds, info = data.make_dataset(
         config.data, global_batch_size=global_batch, seed=0, label_mode=config.label.mode
     )
@@ -128,14 +216,30 @@ def compiled_memory(name: str, batch: int | None = None, accum: int | None = Non
     t0 = time.perf_counter()
     lowered = jit_step.lower(state, batch_abs, consts)
     lower_s = time.perf_counter() - t0
+    flops = gpu_target.step_flops(lowered)
+    options = GPU_COMPILER_OPTIONS.get(name, {}) if gpu is not None else {}
     t0 = time.perf_counter()
-    compiled = lowered.compile()
+    compiled = lowered.compile(compiler_options=options or None)
     compile_s = time.perf_counter() - t0
     ma = compiled.memory_analysis()
     arg, out = ma.argument_size_in_bytes, ma.output_size_in_bytes
     alias, temp = ma.alias_size_in_bytes, ma.temp_size_in_bytes
+    impl = attention.attention_implementation(
+        config.model.attention,
+        dtypes.dtype_from_name(config.model.compute_dtype, "compute_dtype"),
+        64,
+    )
+    if spec is not None and config.model.attention == "auto":
+        impl = gpu_auto_attention(
+            model.spec, config.model.compute_dtype, spec["compute_capability"], info.text_shape[0]
+        )
     return {
         "model": name,
+        "target": target,
+        "target_spec": None
+        if spec is None
+        else {**spec, "file": os.path.relpath(gpu_target.spec_path(target), REPO)},
+        "device_kind": mesh.devices.flat[0].device_kind,
         "devices": len(mesh.devices.flat),
         "mesh": [int(n) for n in mesh.devices.shape],
         "global_batch": global_batch,
@@ -145,14 +249,13 @@ def compiled_memory(name: str, batch: int | None = None, accum: int | None = Non
         "compute_dtype": config.model.compute_dtype,
         "remat": bool(config.model.remat),
         "matched_forward": bool(config.dpo.matched_forward),
-        "attention": attention.attention_implementation(
-            config.model.attention,
-            dtypes.dtype_from_name(config.model.compute_dtype, "compute_dtype"),
-            64,
-        ),
+        "attention": impl,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "compiler_options": options,
         "lower_seconds": lower_s,
         "compile_seconds": compile_s,
+        "xla_flops_per_step": flops,  # all devices; HloCostAnalysis of the unoptimised HLO
+        "xla_flops_per_device": flops / len(mesh.devices.flat),
         "xla_bytes_per_device": {
             "argument": arg,
             "output": out,
@@ -197,8 +300,9 @@ def with_plan(row: dict, plan: dict) -> dict:
 def format_table(rows: list[dict]) -> str:
     lines = [
         "| model (mesh, batch/accum) | XLA args | plan params+ref+opt | XLA temp | "
-        "plan grads+act+recompute | XLA peak | plan total | plan/XLA | compile s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "plan grads+act+recompute | XLA peak | plan total | plan/XLA | compile s | "
+        "TFLOP/device |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         x, p = r["xla_bytes_per_device"], r.get("plan_bytes_per_device")
@@ -209,10 +313,13 @@ def format_table(rows: list[dict]) -> str:
             plan_temp = f"{r['plan_temp_bytes_per_device'] / GIB:.2f}"
             plan_total = f"{p['total'] / GIB:.2f}"
             ratio = f"{r['plan_over_xla_peak']:.2f}"
+        where = "" if r.get("target", "cpu") == "cpu" else f" {r['target'].removeprefix('gpu-')}"
+        flops = r.get("xla_flops_per_device")
         lines.append(
-            f"| {r['model']} ({r['mesh']}, {r['global_batch']}/{r['grad_accum']}) | "
+            f"| {r['model']}{where} ({r['mesh']}, {r['global_batch']}/{r['grad_accum']}) | "
             f"{x['argument'] / GIB:.2f} | {plan_state} | {x['temp'] / GIB:.2f} | {plan_temp} | "
-            f"{x['peak'] / GIB:.2f} | {plan_total} | {ratio} | {r['compile_seconds']:.0f} |"
+            f"{x['peak'] / GIB:.2f} | {plan_total} | {ratio} | {r['compile_seconds']:,.0f} | "
+            f"{'-' if flops is None else f'{flops / 1e12:.1f}'} |"
         )
     return "\n".join(lines)
 
@@ -222,17 +329,39 @@ def main() -> None:
     parser.add_argument("--model", nargs="+", default=["sd15", "sdxl"], choices=tuple(_SHAPES))
     parser.add_argument("--batch", type=int, default=0, help="global batch (0: the config's)")
     parser.add_argument("--accum", type=int, default=0, help="accumulation (0: the config's)")
-    parser.add_argument("--out", default=os.path.join(REPO, "bench/results/memory.json"))
+    parser.add_argument(
+        "--target",
+        default="cpu",
+        choices=("cpu", *gpu_target.TARGETS),
+        help="compile for 8 fake CPU devices or 8 GPUs of bench/gpu_specs/ (no GPU needed)",
+    )
+    parser.add_argument(
+        "--attention",
+        default="",
+        choices=("", "auto", "xla", "cudnn", "chunked"),
+        help="config.model.attention (default: the config's, 'auto')",
+    )
+    parser.add_argument(
+        "--out", default="", help="JSON (default bench/results/memory.json, memory_gpu.json)"
+    )
     args = parser.parse_args()
+    if args.target != "cpu" and not gpu_target.plugin_available():
+        parser.error(f"--target {args.target} {gpu_target.PLUGIN_HINT}")
+    set_environment(args.target)
+    out = args.out or os.path.join(
+        REPO, "bench/results", "memory.json" if args.target == "cpu" else "memory_gpu.json"
+    )
     meta, rows = common.environment(), []
     for name in args.model:
-        row = compiled_memory(name, args.batch or None, args.accum or None)
+        row = compiled_memory(
+            name, args.batch or None, args.accum or None, args.target, args.attention
+        )
         if name != "tiny":
             row = with_plan(row, plan_for(row))
         rows.append(row)
         print(json.dumps(row), flush=True)
         # after each model: a long compile keeps what it has
-        common.write_json(args.out, {"meta": meta, "rows": rows})
+        common.write_json(out, {"meta": meta, "rows": rows})
     print(format_table(rows))
 
 

@@ -9,7 +9,11 @@ import numpy as np
 import pytest
 
 from bdpo_jax.models import flash
-from bdpo_jax.models.attention import attention_implementation
+from bdpo_jax.models.attention import (
+    attention_implementation,
+    gpu_attention,
+    gpu_target,
+)
 
 
 def test_auto_is_chunked_on_cpu_and_explicit_choices_stay():
@@ -20,6 +24,30 @@ def test_auto_is_chunked_on_cpu_and_explicit_choices_stay():
         assert attention_implementation(choice, jnp.float32, 16) == choice
     with pytest.raises(ValueError, match="flash"):
         attention_implementation("flash", jnp.float32, 16)
+
+
+def test_gpu_auto_rule_by_dtype_head_dim_and_capability():
+    # SD1.5's head dims 40/80/160 and SDXL's 64: all cuDNN on Hopper, 160 falls back before it
+    for dim in (40, 64, 80, 160):
+        assert gpu_attention(jnp.bfloat16, dim, 9.0) == "cudnn"
+    assert gpu_attention(jnp.bfloat16, 160, 8.0) == "xla"
+    assert gpu_attention(jnp.float16, 128, 8.0) == "cudnn"
+    assert gpu_attention(jnp.bfloat16, 260, 9.0) == "xla"  # over 256
+    assert gpu_attention(jnp.bfloat16, 36, 9.0) == "xla"  # not a multiple of 8
+    assert gpu_attention(jnp.float32, 64, 9.0) == "xla"
+    # odd token counts (77 text tokens): jax 0.10's cuDNN attention cannot differentiate them
+    assert gpu_attention(jnp.bfloat16, 64, 9.0, 4096, 77) == "xla"
+    assert gpu_attention(jnp.bfloat16, 64, 9.0, 4096, 4096) == "cudnn"
+
+
+def test_gpu_target_context_resolves_auto_as_on_that_gpu():
+    with gpu_target(9.0):
+        assert attention_implementation("auto", jnp.bfloat16, 160, 4096, 4096) == "cudnn"
+        assert attention_implementation("auto", jnp.bfloat16, 160, 4096, 77) == "xla"
+        with gpu_target(8.0):
+            assert attention_implementation("auto", jnp.bfloat16, 160) == "xla"
+        assert attention_implementation("xla", jnp.bfloat16, 64) == "xla"
+    assert attention_implementation("auto", jnp.bfloat16, 64) == "chunked"  # CPU again
 
 
 def test_block_size_follows_the_logits_budget():

@@ -4,6 +4,8 @@ import json
 import os
 import sys
 
+import pytest
+
 from tests.bench_runner import REPO, run_bench
 
 
@@ -32,3 +34,85 @@ def test_default_flags_keep_what_the_caller_set(monkeypatch):
     plan = {"params": 1, "ref_params": 1, "opt_state": 2, "total": 10}
     row = memory.with_plan({"xla_bytes_per_device": {"peak": 20}}, plan)
     assert row["plan_temp_bytes_per_device"] == 6 and row["plan_over_xla_peak"] == 0.5
+
+
+def _gpu_target():
+    sys.path.insert(0, REPO)
+    from bench import gpu_target
+
+    return gpu_target
+
+
+def test_gpu_specs_parse_and_name_their_gpu():
+    gpu_target = _gpu_target()
+    for target, (name, gib) in {
+        "gpu-h100": ("NVIDIA H100 80GB HBM3", 79.1),
+        "gpu-h200": ("NVIDIA H200 141GB HBM3e", 141.0),
+    }.items():
+        with open(gpu_target.spec_path(target)) as f:
+            spec = gpu_target.parse_spec(f.read())
+        assert spec["name"] == name and spec["compute_capability"] == 9.0
+        assert abs(spec["device_memory_bytes"] / 2**30 - gib) < 0.1
+    with pytest.raises(ValueError, match="cpu"):
+        gpu_target.spec_path("gpu-a100")
+
+
+def test_gpu_spec_errors_name_the_missing_field():
+    gpu_target = _gpu_target()
+    fields = {
+        "device_memory_size": "device_memory_size: 10",
+        "platform_name": 'platform_name: "CUDA"',
+        "device_description_str": 'device_description_str: "X"',
+        "cuda_compute_capability": "cuda_compute_capability { major: 8 }",
+    }
+    memory, capability, platform, name = fields.values()
+    ok = f"gpu_device_info {{ {memory} {capability} }}\n{platform}\n{name}  # a comment: major: 1\n"
+    assert gpu_target.parse_spec(ok)["compute_capability"] == 8.0
+    for field, text in fields.items():
+        with pytest.raises(ValueError, match=field):
+            gpu_target.parse_spec(ok.replace(text, ""))
+    with pytest.raises(ValueError, match="ROCM"):
+        gpu_target.parse_spec(ok.replace('"CUDA"', '"ROCM"'))
+
+
+def test_topology_string_is_slices_hosts_gpus():
+    gpu_target = _gpu_target()
+    assert gpu_target.topology_string(8) == "1x1x8"
+    assert gpu_target.topology_string(16) == "1x2x8"
+    assert gpu_target.topology_string(4) == "1x1x4"
+    with pytest.raises(ValueError, match="whole hosts"):
+        gpu_target.topology_string(12)
+
+
+def test_gpu_auto_attention_is_cudnn_for_self_attention_on_hopper():
+    sys.path.insert(0, REPO)
+    from bdpo_jax.models import presets, unet_config
+    from bench import memory
+
+    for name in ("sd15", "sdxl"):
+        spec = unet_config.unet_spec(presets.complete_config(presets.real_unet_config(name)))
+        assert memory.gpu_auto_attention(spec, "bfloat16", 9.0, 77) == "self cudnn, cross xla"
+        assert memory.gpu_auto_attention(spec, "float32", 9.0, 78) == "self xla, cross xla"
+    sd15 = unet_config.unet_spec(presets.complete_config(presets.real_unet_config("sd15")))
+    # SD1.5's head dim 160 (1280 channels, 8 heads) takes the XLA path before Hopper
+    assert memory.gpu_auto_attention(sd15, "bfloat16", 8.0, 77) == "self cudnn+xla, cross xla"
+
+
+@pytest.mark.skipif(
+    not _gpu_target().plugin_available(),
+    reason="no CUDA PJRT plugin (jax-cuda12-plugin[with-cuda]): the GPU target is not compiled",
+)
+def test_tiny_compiles_for_h100_without_a_gpu(tmp_path):
+    out = tmp_path / "memory_gpu.json"
+    run_bench(
+        ["bench/memory.py", "--model", "tiny", "--target", "gpu-h100", "--out", str(out)],
+        timeout=900,
+    )
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["target"] == "gpu-h100" and row["device_kind"] == "NVIDIA H100 80GB HBM3"
+    assert (
+        "CPU_SCHEDULER" not in row["xla_flags"]
+        and "triton_gemm=false" in row["xla_flags"]
+        and row["xla_bytes_per_device"]["temp"] > 0
+    )
+    assert row["xla_flops_per_device"] * 8 == row["xla_flops_per_step"] > 0

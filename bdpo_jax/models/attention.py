@@ -11,6 +11,9 @@ materialised logits made a 32x32-latent UNet forward+backward about 4x slower th
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -22,23 +25,57 @@ from bdpo_jax.models.resnet import conv
 ATTENTION_CHOICES = ("auto", "xla", "cudnn", "chunked")
 
 
-def attention_implementation(choice: str, dtype: jnp.dtype, head_dim: int) -> str:
+_GPU_TARGET: list[float] = []  # compute capability of a compile-only GPU target (gpu_target)
+
+
+@contextlib.contextmanager
+def gpu_target(compute_capability: float) -> Iterator[None]:
+    """Within this context "auto" resolves as on a CUDA GPU of `compute_capability` (e.g. 9.0)
+    whatever the default backend: for a step compiled ahead of time for GPUs on a machine without
+    one (bench/memory.py --target gpu-h100), where the default backend is the CPU."""
+    _GPU_TARGET.append(float(compute_capability))
+    try:
+        yield
+    finally:
+        _GPU_TARGET.pop()
+
+
+def attention_implementation(
+    choice: str, dtype: jnp.dtype, head_dim: int, q_len: int = 0, kv_len: int = 0
+) -> str:
     """The attention kernel a setting resolves to on this backend: "chunked", "xla" or "cudnn".
 
-    "auto" picks "chunked" (flash.py) on CPU; on GPU "cudnn" for fp16/bf16 with head_dim a
-    multiple of 8 and at most 128 (256 on Hopper or later), else the XLA path of
-    jax.nn.dot_product_attention. Any other choice is returned as given.
+    "auto" picks "chunked" (flash.py) on CPU; on GPU `gpu_attention`'s choice, else the XLA path
+    of jax.nn.dot_product_attention. Any other choice is returned as given.
     """
     if choice not in ATTENTION_CHOICES:
         raise ValueError(f"attention={choice!r} is not one of {ATTENTION_CHOICES}")
     if choice != "auto":
         return choice
+    if _GPU_TARGET:
+        return gpu_attention(dtype, head_dim, _GPU_TARGET[-1], q_len, kv_len)
     if jax.default_backend() == "cpu":
         return "chunked"
-    if jax.default_backend() != "gpu" or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+    if jax.default_backend() != "gpu":
         return "xla"
     capability = getattr(jax.devices()[0], "compute_capability", "0.0")
-    max_dim = 256 if float(capability) >= 9.0 else 128
+    return gpu_attention(dtype, head_dim, float(capability), q_len, kv_len)
+
+
+def gpu_attention(
+    dtype: jnp.dtype, head_dim: int, compute_capability: float, q_len: int = 0, kv_len: int = 0
+) -> str:
+    """What "auto" picks on a CUDA GPU of `compute_capability` (e.g. 9.0): "cudnn" (flash
+    attention) for fp16/bf16 with head_dim a multiple of 8 and at most 128 (256 from Hopper, 9.0,
+    on) and even sequence lengths, else "xla". Odd lengths: jax 0.10's cuDNN attention refuses
+    to differentiate them ("Unsupported sequence length Q 4096, KV 77": its no-bias placeholder
+    counts as a bias, and training with a bias needs even lengths), so the 77 text tokens of
+    cross-attention take the XLA path (its [T, 77] logits are small)."""
+    if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        return "xla"
+    max_dim = 256 if compute_capability >= 9.0 else 128
+    if q_len % 2 or kv_len % 2:
+        return "xla"
     return "cudnn" if head_dim % 8 == 0 and head_dim <= max_dim else "xla"
 
 
@@ -64,7 +101,7 @@ class Attention(nn.Module):
         q_BxTxNxH = q.reshape(b, t, self.heads, self.dim_head)
         k_BxSxNxH = k.reshape(b, s, self.heads, self.dim_head)
         v_BxSxNxH = v.reshape(b, s, self.heads, self.dim_head)
-        impl = attention_implementation(self.attention, self.dtype, self.dim_head)
+        impl = attention_implementation(self.attention, self.dtype, self.dim_head, t, s)
         if impl == "chunked":
             o_BxTxNxH = chunked_attention(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH)
         else:
