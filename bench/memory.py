@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python bench/memory.py                    # sd15 and sdxl on 8 fake CPU devices
     PYTHONPATH=. python bench/memory.py --model tiny       # the same path on a tiny UNet
-    PYTHONPATH=. /work/venv_gpuaot/bin/python bench/memory.py --target gpu-h100   # 8 H100s
+    PYTHONPATH=. VENV/bin/python bench/memory.py --target gpu-h100  # 8 H100s (README: the venv)
 
 Compile only, nothing is executed: the abstract state from `jax.eval_shape`
 (`train_state.make_initializers`), the batch and the step's constants as ShapeDtypeStructs with
