@@ -338,8 +338,7 @@ def main() -> None:
     parser.add_argument(
         "--attention",
         default="",
-        choices=("", "auto", "xla", "cudnn", "chunked"),
-        help="config.model.attention (default: the config's, 'auto')",
+        help="config.model.attention: auto, xla, cudnn or chunked (default: the config's, auto)",
     )
     parser.add_argument(
         "--out", default="", help="JSON (default bench/results/memory.json, memory_gpu.json)"
@@ -348,6 +347,10 @@ def main() -> None:
     if args.target != "cpu" and not gpu_target.plugin_available():
         parser.error(f"--target {args.target} {gpu_target.PLUGIN_HINT}")
     set_environment(args.target)
+    from bdpo_jax.models import attention  # jax only after set_environment has set JAX_PLATFORMS
+
+    if args.attention and args.attention not in attention.ATTENTION_CHOICES:
+        parser.error(f"--attention {args.attention}: expected one of {attention.ATTENTION_CHOICES}")
     out = args.out or os.path.join(
         REPO, "bench/results", "memory.json" if args.target == "cpu" else "memory_gpu.json"
     )
