@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bdpo_jax import compile_options
 from bdpo_jax.schedules import PREDICTION_TYPES
 
 SCHEDULERS = ("ddim", "dpmpp", "euler")
@@ -383,7 +384,9 @@ def _jitted_loop(model: Any) -> Callable[..., jax.Array]:
         key = ("id", id(model))
         hit = _LOOP_CACHE.get(key)
     if hit is None:
-        fn = jax.jit(functools.partial(_denoise_loop, model.apply), static_argnames=("do_cfg",))
+        fn = compile_options.jit(
+            functools.partial(_denoise_loop, model.apply), static_argnames=("do_cfg",)
+        )
         if len(_LOOP_CACHE) >= 8:
             _LOOP_CACHE.pop(next(iter(_LOOP_CACHE)))
         hit = _LOOP_CACHE[key] = (model, fn)

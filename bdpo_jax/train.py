@@ -32,6 +32,7 @@ from jax.sharding import Mesh
 
 from bdpo_jax import (
     checkpointing,
+    compile_options,
     data,
     grids,
     labels,
@@ -170,7 +171,7 @@ def jit_train_step(
     in_shardings = (shardings, sharding.batch_sharding(mesh), replicated)
     if base_shardings is not None:
         in_shardings += (base_shardings,)
-    return jax.jit(
+    return compile_options.jit(
         step_fn,
         in_shardings=in_shardings,
         out_shardings=(shardings, replicated),

@@ -63,6 +63,8 @@ def environment() -> dict:
     """What a reader needs to judge a timing: machine, load, threads, versions, XLA flags."""
     import jax
 
+    from bdpo_jax import compile_options
+
     versions = {}
     for lib in LIBRARIES:
         try:
@@ -78,6 +80,7 @@ def environment() -> dict:
         "jax_backend": jax.default_backend(),
         "jax_device": jax.devices()[0].device_kind,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "jax_compiler_options": compile_options.compiler_options(),  # what the package's jit sets
         # XLA:CPU sizes its intra-op pool to the cores; these variables cap other pools
         "thread_env": {
             k: os.environ[k]

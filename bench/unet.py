@@ -1,10 +1,11 @@
 """Flax UNet vs diffusers PyTorch UNet on this machine: forward and forward+backward time.
 
 Same config, same weights (the diffusers model's, loaded through load_unet), same batch, fp32.
-JAX: the package defaults (no flag), params placed on the device once, jitted (compile time
-reported, excluded). PyTorch: set up for speed on CPU (bench/common.py: denormals flushed, one
-thread per core, diffusers' default SDPA attention), forward under inference_mode, timed in
-both memory formats (contiguous and channels_last); the ratio uses the faster one.
+JAX: the package defaults (no flag; jitted with bdpo_jax.compile_options, as the trainer and
+sampler are), params placed on the device once (compile time reported, excluded). PyTorch: set
+up for speed on CPU (bench/common.py: denormals flushed, one thread per core, diffusers' default
+SDPA attention), forward under inference_mode, timed in both memory formats (contiguous and
+channels_last); the ratio uses the faster one.
 Forward+backward is the gradient of mean(out**2) w.r.t. all parameters. The contenders are
 timed alternately in one process (bench/common.py); median and IQR of --repeats runs.
 
@@ -34,6 +35,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
 
+from bdpo_jax import compile_options  # noqa: E402
 from bdpo_jax.models import load_unet, tiny_unet_config  # noqa: E402
 from bdpo_jax.models.attention import attention_implementation  # noqa: E402
 from bench import common  # noqa: E402
@@ -74,8 +76,10 @@ def run(name: str, attention: str, batch: int, repeats: int, warmup: int) -> dic
     torch_cl = random_diffusers_unet(cfg, seed=0, std=0.02).to(memory_format=torch.channels_last)
     n_params = sum(p.numel() for p in torch_model.parameters())
 
-    fwd = jax.jit(lambda p, *a: model.apply({"params": p}, *a))
-    grad = jax.jit(jax.grad(lambda p, *a: jnp.mean(model.apply({"params": p}, *a) ** 2)))
+    fwd = compile_options.jit(lambda p, *a: model.apply({"params": p}, *a))
+    grad = compile_options.jit(
+        jax.grad(lambda p, *a: jnp.mean(model.apply({"params": p}, *a) ** 2))
+    )
     t0 = time.perf_counter()
     jax.block_until_ready(fwd(params, *args))
     compile_fwd = time.perf_counter() - t0

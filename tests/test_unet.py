@@ -234,6 +234,47 @@ def test_group_norm_matches_torch():
     np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), ref, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "shape, groups", [((2, 5, 3, 12), 4), ((3, 4, 4, 16), 16), ((2, 6, 6, 8), 1)]
+)
+def test_group_norm_gradients_match_torch_autograd(shape, groups):
+    """The hand-written backward (norms.group_norm) against torch's autograd in fp64, for a
+    weighted sum of the output (so every output element has its own cotangent)."""
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal(shape) * 2 + 0.7).astype(np.float32)
+    scale, bias = rng.standard_normal((2, shape[-1])).astype(np.float32)
+    weights = rng.standard_normal(shape).astype(np.float32)
+
+    def loss(x_, s_, b_):
+        y = GroupNorm(groups, 1e-6).apply({"params": {"scale": s_, "bias": b_}}, x_)
+        return jnp.sum(y * weights)
+
+    got = jax.grad(loss, argnums=(0, 1, 2))(jnp.asarray(x), jnp.asarray(scale), jnp.asarray(bias))
+    tx, ts, tb = (
+        torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (x, scale, bias)
+    )
+    y = torch.nn.functional.group_norm(tx.permute(0, 3, 1, 2), groups, ts, tb, eps=1e-6)
+    (y.permute(0, 2, 3, 1) * torch.from_numpy(weights).double()).sum().backward()
+    for name, g, ref in zip(("x", "scale", "bias"), got, (tx.grad, ts.grad, tb.grad), strict=True):
+        ref = ref.numpy()
+        np.testing.assert_allclose(np.asarray(g), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max(),
+                                   err_msg=name)  # fmt: skip
+
+
+def test_group_norm_bf16_input_keeps_dtypes():
+    """bf16 activations: statistics in fp32, output in the module's dtype, gradient in x's."""
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 4, 4, 8)), jnp.bfloat16)
+    params = {"params": {"scale": jnp.ones(8), "bias": jnp.zeros(8)}}
+    module = GroupNorm(2, 1e-6, dtype=jnp.bfloat16)
+    y = module.apply(params, x)
+    ref = GroupNorm(2, 1e-6).apply(params, x.astype(jnp.float32))
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref), atol=0.05)
+    dx, dp = jax.grad(lambda x_, p_: jnp.sum(module.apply(p_, x_).astype(jnp.float32) ** 2),
+                      argnums=(0, 1))(x, params)  # fmt: skip
+    assert dx.dtype == jnp.bfloat16 and dp["params"]["scale"].dtype == jnp.float32
+
+
 def test_nearest_resize_matches_torch_interpolate():
     for n_in, n_out in [(3, 6), (3, 5), (4, 7), (5, 10)]:
         x = torch.arange(n_in, dtype=torch.float32)[None, None, :, None]
