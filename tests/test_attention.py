@@ -52,8 +52,9 @@ def test_gpu_target_context_resolves_auto_as_on_that_gpu():
 
 def test_block_size_follows_the_logits_budget():
     budget = flash.BLOCK_ELEMENTS
-    assert flash._chunk_size(1024, None, 16, 1024) == budget // (16 * 1024)  # 64
-    assert flash._chunk_size(1024, None, 16, 77) == 512  # largest divisor of T under 851
+    assert budget == 2**21
+    assert flash._chunk_size(1024, None, 16, 1024) == budget // (16 * 1024)  # 128
+    assert flash._chunk_size(1000, None, 16, 231) == 500  # largest divisor of T under 567
     assert flash._chunk_size(96, 32, 4, 96) == 32  # an explicit chunk wins
     assert flash._chunk_size(7, None, 2**20, 2**20) == 1
 
