@@ -67,8 +67,8 @@ def measure(name: str, latent: int, pairs: int, batches: int, dtypes, repeats: i
     import numpy as np
     import optax
 
+    from bdpo_jax import compile_options, schedules
     from bdpo_jax import loss as loss_lib
-    from bdpo_jax import schedules
     from bdpo_jax import train_step as ts
     from bdpo_jax.models import UNet2DConditionModel, init_unet_params
 
@@ -117,7 +117,7 @@ def measure(name: str, latent: int, pairs: int, batches: int, dtypes, repeats: i
                 inside = -0.5 * consts["beta"] * label * ((err[:b] - err[b:]) - (ref[:b] - ref[b:]))
                 return value, (metrics, jax.lax.stop_gradient(inside))
 
-            @jax.jit
+            @compile_options.jit  # as the trainer's step
             def step(p, r, mb, label, rng, loss=loss):
                 (value, (metrics, inside)), grads = jax.value_and_grad(loss, has_aux=True)(
                     p, r, mb, label, rng
