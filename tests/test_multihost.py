@@ -40,10 +40,14 @@ OVERRIDES = {
     "mesh.shape": (-1, 1),
 }
 TIMEOUT_S = 300  # per subprocess: a hung coordinator must not hang the suite
-# Observed: params within 1.2e-7, losses within 2.5e-5 relative (tiny.py's beta 500 multiplies
-# the float32 differences of the all-reduce across processes, which adds in another order
-# than the in-process one); the bounds leave a margin.
-LOSS_RTOL, PARAM_ATOL = 1e-4, 1e-6
+# Observed: params within 1.2e-7 with YNNPACK's convolutions and 1.2e-6 with XLA's own (Eigen)
+# convolutions, the package's CPU default (bdpo_jax.compile_options), whose summation order is
+# not the same in the one- and two-process launches; losses within 2.5e-5 relative (tiny.py's
+# beta 500 multiplies the float32 differences, and the all-reduce across processes adds in
+# another order than the in-process one). The bounds leave a margin and stay far below one
+# step's update (Adam moves each param by ~lr = 1e-4 per step), which a wrong batch placement
+# would show.
+LOSS_RTOL, PARAM_ATOL = 1e-4, 5e-6
 
 
 def _config(**overrides):
