@@ -15,8 +15,9 @@ timed alternately in one process (bench/common.py); median and IQR of --repeats 
 Configs: "tiny" = presets.tiny_unet_config("sd15"), 8x8 latents, batch 4; "small" = SD1.5
 block structure with block_out_channels (64, 128, 256), 2 layers per block, 32x32 latents, 77
 text tokens of width 128, batch 4 (17.8M parameters); "demo" = the demo's UNet (configs/demo.py,
-bdpo_demo/model.py: RGB 32x32, channels (16, 32, 32), 16 MiniLM tokens of width 384), batch
-16 (the demo's SFT batch). Writes bench/results/unet.json and prints a table.
+bdpo_demo/model.py: 32x32 RGB folded 2x2 into 12 x 16 x 16, channels config.demo.channels,
+16 MiniLM tokens of width 384), batch config.demo.base_batch (the demo's SFT batch, 32).
+Writes bench/results/unet.json and prints a table.
 """
 
 from __future__ import annotations
