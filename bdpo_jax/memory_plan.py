@@ -14,13 +14,15 @@ and, as a separate row, the same without gradient checkpointing (an upper bound)
 residuals until its vjp is done: row remat_recompute is the largest block's (Chen et al. 2016,
 "Training Deep Nets with Sublinear Memory Cost", arXiv:1604.06174, sec. 3: the peak of
 checkpointing is the stored segment inputs plus one segment's intermediates). The total is the
-floor of a well-scheduled step; XLA:CPU's memory-optimized schedule held 1.8x the plan at
-SD1.5's config and 6.6x at SDXL's (bench/memory.py: it defers weight gradients, keeping several
-blocks' recomputed intermediates alive, and upcasts bf16 matmul operands to f32 copies), so
-leave headroom. XLA's GPU program for 8 H100s (bench/memory.py --target gpu-h100, compiled
-without a GPU) held 0.99x the plan's total at SD1.5's config (40.27 GiB), though not the same
+floor of a well-scheduled step; XLA:CPU's memory-optimized schedule held 2.1x the plan at
+SD1.5's config (6.6x at SDXL's, measured before GroupNorm's hand-written backward shrank the
+plan's recomputed block) (bench/memory.py: it defers weight gradients, keeping several blocks'
+recomputed intermediates alive, and upcasts bf16 matmul operands to f32 copies), so leave
+headroom. XLA's GPU program for 8 H100s (bench/memory.py --target gpu-h100, compiled without a
+GPU) held 1.17x the plan's total at SD1.5's config (40.58 against 34.64 GiB), and not the same
 buffers: at its peak it keeps parts of every block's backward (activation gradients and
-recomputed intermediates whose weight gradients come later), not one whole block's recompute.
+recomputed intermediates whose weight gradients come later), not one whole block's recompute;
+the plan has no row for those yet.
 
 LoRA (--lora-rank r, config.lora.rank): the frozen base is held once, in the compute dtype
 (row base_params); params, ref_params, optimizer state and gradients are the adapters' (tiny);

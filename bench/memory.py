@@ -177,7 +177,7 @@ def compiled_memory(
 def _compiled_memory(name, batch, accum, attention_choice, gpu) -> dict:
     import jax
 
-    from bdpo_jax import data, sharding, train, train_state
+    from bdpo_jax import compile_options, data, sharding, train, train_state
     from bdpo_jax.models import attention, dtypes
 
     config = _config(name, batch, accum)
@@ -251,7 +251,8 @@ def _compiled_memory(name, batch, accum, attention_choice, gpu) -> dict:
         "matched_forward": bool(config.dpo.matched_forward),
         "attention": impl,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "compiler_options": options,
+        # what the compile got: the package's options (train.jit_train_step) merged with these
+        "compiler_options": {**(compile_options.compiler_options() or {}), **options},
         "lower_seconds": lower_s,
         "compile_seconds": compile_s,
         "xla_flops_per_step": flops,  # all devices; HloCostAnalysis of the unoptimised HLO
