@@ -10,19 +10,22 @@ Rows: params, ref_params, optimizer state (each sharded by bdpo_jax.sharding's r
 activation estimate: the residuals the policy's forward saves for the backward pass, traced with
 the per-device micro-batch of 2 x (batch / devices / accum) images (jax's saved_residuals),
 and, as a separate row, the same without gradient checkpointing (an upper bound). With remat
-(nn.remat per UNet block) the backward pass re-runs one block's forward and holds that block's
-residuals until its vjp is done: row remat_recompute is the largest block's (Chen et al. 2016,
-"Training Deep Nets with Sublinear Memory Cost", arXiv:1604.06174, sec. 3: the peak of
-checkpointing is the stored segment inputs plus one segment's intermediates). The total is the
-floor of a well-scheduled step; XLA:CPU's memory-optimized schedule held 2.1x the plan at
-SD1.5's config (6.6x at SDXL's, measured before GroupNorm's hand-written backward shrank the
-plan's recomputed block) (bench/memory.py: it defers weight gradients, keeping several blocks'
-recomputed intermediates alive, and upcasts bf16 matmul operands to f32 copies), so leave
-headroom. XLA's GPU program for 8 H100s (bench/memory.py --target gpu-h100, compiled without a
-GPU) held 1.17x the plan's total at SD1.5's config (40.58 against 34.64 GiB), and not the same
-buffers: at its peak it keeps parts of every block's backward (activation gradients and
-recomputed intermediates whose weight gradients come later), not one whole block's recompute;
-the plan has no row for those yet.
+(nn.remat per resnet and per transformer layer, diffusers' grain) the backward pass re-runs one
+layer's forward and holds that layer's residuals until its vjp is done: row remat_recompute is
+the largest layer's (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost",
+arXiv:1604.06174, sec. 3: the peak of checkpointing is the stored segment inputs plus one
+segment's intermediates). The total (`plan_total`) is the state, the gradient accumulator, the
+recomputed layer and the larger of activations and gradient, not their sum: the backward frees
+each layer's saved input as it writes that layer's gradient.
+
+Checked against XLA's GPU program for one H100 at the per-device micro-batch (bench/memory.py
+--target gpu-h100 --devices 1, compiled without a GPU): SD1.5, 16 pairs, AdamW: plan 22.01 GiB,
+XLA 21.52; SDXL, 4 pairs, Adafactor: plan 30.88, XLA 31.98. On 8 devices XLA holds more than
+one device's share: its schedule defers the weight gradients (and keeps the activation
+gradients they read) until the gradient all-reduces at the end of the backward pass (SD1.5 data
+parallel: 40.88 GiB against 21.52 on one device for the same per-device batch); the plan does
+not model that, so on a multi-GPU mesh leave that headroom (README: "Real sizes"). XLA:CPU holds
+more again (f32 copies of bf16 matmul operands; bench/memory.py).
 
 LoRA (--lora-rank r, config.lora.rank): the frozen base is held once, in the compute dtype
 (row base_params); params, ref_params, optimizer state and gradients are the adapters' (tiny);
@@ -232,7 +235,8 @@ def memory_plan(
             "opt_state": _leaf_bytes_per_device(
                 jax.eval_shape(tx.init, adapters), ms, rules, fsdp_min_size
             ),
-            "grads": a_bytes * (2 if grad_accum > 1 else 1),
+            "grads": a_bytes,
+            "grad_accumulator": a_bytes if grad_accum > 1 else 0,
             "merged_kernels": _leaf_bytes_per_device(kernels, ms, rules, fsdp_min_size),
             "activations": act,
             "remat_recompute": recompute,
@@ -244,11 +248,12 @@ def memory_plan(
             "params": p_bytes,
             "ref_params": p_bytes,
             "opt_state": o_bytes,
-            "grads": p_bytes * (2 if grad_accum > 1 else 1),  # + the accumulator
+            "grads": p_bytes,  # one micro-batch's gradient
+            "grad_accumulator": p_bytes if grad_accum > 1 else 0,
             "activations": act,
             "remat_recompute": recompute,
         }
-    rows["total"] = sum(rows.values())
+    rows["total"] = plan_total(rows)
     rows["activations_without_remat"] = act_no_remat  # not in the total
     fits = {f"{gb}GB": rows["total"] <= (1 - FIT_HEADROOM) * gb * 2**30 for gb in GPU_SIZES_GB}
     return {
@@ -266,6 +271,17 @@ def memory_plan(
         "remat": remat,
         "bytes_per_device": rows,
     }
+
+
+def plan_total(rows: dict[str, int]) -> int:
+    """Peak bytes per device from the rows: everything held through the step, plus the larger
+    of the saved activations and the gradient, not their sum. The backward frees each layer's
+    saved input as it writes that layer's weight gradient, so the two trade places: at its
+    start all activations and no gradient are live, at its end the whole gradient and no
+    activation (plus, throughout, the recomputed layer and, with accumulation, the running sum).
+    """
+    held = sum(v for k, v in rows.items() if k not in ("grads", "activations"))
+    return held + max(rows["grads"], rows["activations"])
 
 
 def format_table(plans: list[dict[str, Any]]) -> str:

@@ -159,6 +159,17 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def traced_under_mesh(fn: Any, mesh: Mesh) -> Any:
+    """`fn` traced with `mesh` as the abstract mesh, so that code inside it (the model) can
+    place a value without being handed the mesh (models.attention.split_over_mesh)."""
+
+    def wrapped(*args: Any) -> Any:
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args)
+
+    return wrapped
+
+
 def process_batch_rows(sharding: NamedSharding, global_batch_size: int) -> np.ndarray:
     """Rows of the global batch that this process's devices hold (ascending).
 

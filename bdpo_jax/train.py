@@ -172,7 +172,7 @@ def jit_train_step(
     if base_shardings is not None:
         in_shardings += (base_shardings,)
     return compile_options.jit(
-        step_fn,
+        sharding.traced_under_mesh(step_fn, mesh),
         in_shardings=in_shardings,
         out_shardings=(shardings, replicated),
         donate_argnums=(0,),

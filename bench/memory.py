@@ -34,11 +34,16 @@ no cost analysis). XLA flags set for a GPU target unless XLA_FLAGS already names
     GiB): XLA:GPU then rematerializes on its own (HloRematerialization, still running after 10
     CPU minutes). Raising its memory limit (xla_gpu_memory_limit_slop_factor=10000) turns off
     the scheduler's memory pressure as well: 714 GiB. The SDXL row is at --accum 4.
-SDXL (configs/sdxl.py's FSDP mesh (1, 8)) with cuDNN attention does not compile: jax 0.10's
-custom_partitioning of the cuDNN attention call is handed a heads-split sharding it cannot map
-onto the mesh (IndivisibleError: "shape=[1, 1, 2, 1, 4] is incompatible with mesh_shape ...
-('fsdp', 8)"), on a GPU as here; its row uses --attention chunked (flash.py, the same memory
-class: no [T, S] logits kept).
+SDXL's FSDP mesh (1, 8) with cuDNN attention: jax 0.10's custom_partitioning of the cuDNN call
+was handed the projection kernels' heads split, which it cannot map onto the mesh
+(IndivisibleError: "shape=[1, 1, 2, 1, 4] is incompatible with mesh_shape ... ('fsdp', 8)"), on a
+GPU as here. The model now places q, k, v and the output over the batch axes before and after the
+call (models.attention.split_over_mesh; the step is traced under its mesh), and `--model tiny-sdxl
+--attention cudnn` compiles that path at tiny size (tests/test_bench_memory.py).
+
+--devices 1 --batch B/8 compiles one device's share of the step: the same per-device batch and
+state (unsharded), no collectives. It separates what the model and its backward hold from what
+XLA's scheduling around the gradient all-reduces adds on 8 devices (README).
 
 XLA flags set for --target cpu unless XLA_FLAGS already names them (the plan describes a GPU run;
 these make the CPU compile that program as far as the CPU backend allows, and make it fit this
@@ -112,8 +117,17 @@ GIB = 2**30
 DEVICES = 8
 _SHAPES = {  # model -> (config file, unet_config, latent side, text shape, pooled dim)
     "tiny": ("tiny", "tiny:sd15", 8, (8, 32), 0),
+    "tiny-sdxl": ("tiny", "tiny:sdxl", 8, (8, 32), 32),
     "sd15": ("sd15", "sd15", 64, (77, 768), 0),
     "sdxl": ("sdxl", "sdxl", 128, (77, 2048), 1280),
+}
+_OVERRIDES = {  # model -> config fields set on top of its config file
+    # configs/sdxl.py's FSDP mesh and bf16 compute at tiny size (every param sharded)
+    "tiny-sdxl": {
+        "mesh.shape": (1, -1),
+        "mesh.fsdp_min_size": 1,
+        "model.compute_dtype": "bfloat16",
+    },
 }
 
 
@@ -128,6 +142,9 @@ def _config(name: str, batch: int | None, accum: int | None):
     config.data.synthetic_latent_shape = (4, side, side)
     config.data.synthetic_text_shape = text
     config.data.synthetic_pooled_dim = pooled
+    for field, value in _OVERRIDES.get(name, {}).items():
+        group, key = field.split(".")
+        config[group][key] = value
     if batch:
         config.train.global_batch_size = batch
     if accum:
@@ -159,11 +176,12 @@ def compiled_memory(
     accum: int | None = None,
     target: str = "cpu",
     attention_choice: str = "",
+    devices: int = DEVICES,
 ) -> dict:
-    """Lower and compile the DPO step of `name` on DEVICES (fake CPU or compile-only GPU)
+    """Lower and compile the DPO step of `name` on `devices` (fake CPU or compile-only GPU)
     devices; its memory analysis and FLOPs."""
     if target == "cpu":
-        return _compiled_memory(name, batch, accum, attention_choice, None)
+        return _compiled_memory(name, batch, accum, attention_choice, None, devices)
     with open(gpu_target.spec_path(target)) as f:
         spec_text = f.read()
     spec = gpu_target.parse_spec(spec_text)
@@ -171,10 +189,12 @@ def compiled_memory(
 
     capability = spec["compute_capability"]  # "auto" and jax's cuDNN checks as on that GPU:
     with attention.gpu_target(capability), gpu_target.cudnn_capability(capability):
-        return _compiled_memory(name, batch, accum, attention_choice, (target, spec_text, spec))
+        return _compiled_memory(
+            name, batch, accum, attention_choice, (target, spec_text, spec), devices
+        )
 
 
-def _compiled_memory(name, batch, accum, attention_choice, gpu) -> dict:
+def _compiled_memory(name, batch, accum, attention_choice, gpu, n_devices) -> dict:
     import jax
 
     from bdpo_jax import compile_options, data, sharding, train, train_state
@@ -184,10 +204,10 @@ def _compiled_memory(name, batch, accum, attention_choice, gpu) -> dict:
     config.model.attention = attention_choice or config.model.attention
     global_batch = int(config.train.global_batch_size)
     target, spec = "cpu", None
-    devices = jax.devices()[:DEVICES]
+    devices = jax.devices()[:n_devices]
     if gpu is not None:
         target, spec_text, spec = gpu
-        devices = gpu_target.topology_devices(spec_text, DEVICES)
+        devices = gpu_target.topology_devices(spec_text, n_devices)
     mesh = sharding.make_mesh(config.mesh.shape, devices=devices)
     ds, info = data.make_dataset(
         config.data, global_batch_size=global_batch, seed=0, label_mode=config.label.mode
@@ -301,7 +321,7 @@ def with_plan(row: dict, plan: dict) -> dict:
 def format_table(rows: list[dict]) -> str:
     lines = [
         "| model (mesh, batch/accum) | XLA args | plan params+ref+opt | XLA temp | "
-        "plan grads+act+recompute | XLA peak | plan total | plan/XLA | compile s | "
+        "plan temp | XLA peak | plan total | plan/XLA | compile s | "
         "TFLOP/device |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -328,6 +348,12 @@ def format_table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", nargs="+", default=["sd15", "sdxl"], choices=tuple(_SHAPES))
+    parser.add_argument(
+        "--devices",
+        type=int,
+        default=DEVICES,
+        help="devices of the mesh (1 with --batch B / 8: one device's share, no collectives)",
+    )
     parser.add_argument("--batch", type=int, default=0, help="global batch (0: the config's)")
     parser.add_argument("--accum", type=int, default=0, help="accumulation (0: the config's)")
     parser.add_argument(
@@ -358,9 +384,9 @@ def main() -> None:
     meta, rows = common.environment(), []
     for name in args.model:
         row = compiled_memory(
-            name, args.batch or None, args.accum or None, args.target, args.attention
+            name, args.batch or None, args.accum or None, args.target, args.attention, args.devices
         )
-        if name != "tiny":
+        if not name.startswith("tiny"):
             row = with_plan(row, plan_for(row))
         rows.append(row)
         print(json.dumps(row), flush=True)

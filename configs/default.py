@@ -22,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.unet_config = ""  # path/name of a UNet config.json to init randomly instead
     config.model.param_dtype = "float32"  # dtype the trained params are stored in
     config.model.compute_dtype = "bfloat16"  # dtype of activations and matmuls
-    config.model.remat = True  # per-block gradient checkpointing (nn.remat)
+    config.model.remat = True  # checkpoint each resnet and transformer layer (diffusers' grain)
     config.model.attention = "auto"  # 'auto' | 'xla' | 'cudnn' for jax.nn.dot_product_attention
     config.model.prediction_type = "epsilon"  # 'epsilon', 'v_prediction' (SD2.1-768), 'sample'
     config.model.init_checkpoint = ""  # Orbax checkpoint dir to take params from ('' = pretrained)

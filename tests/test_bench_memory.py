@@ -116,3 +116,25 @@ def test_tiny_compiles_for_h100_without_a_gpu(tmp_path):
         and row["xla_bytes_per_device"]["temp"] > 0
     )
     assert row["xla_flops_per_device"] * 8 == row["xla_flops_per_step"] > 0
+
+
+@pytest.mark.skipif(
+    not _gpu_target().plugin_available(),
+    reason="no CUDA PJRT plugin (jax-cuda12-plugin[with-cuda]): the GPU target is not compiled",
+)
+def test_sdxl_family_fsdp_with_cudnn_attention_compiles_for_h100(tmp_path):
+    """configs/sdxl.py's FSDP mesh (1, 8) with cuDNN attention: without
+    models.attention.split_over_mesh on q, k, v and the output, jax's partitioning of the cuDNN
+    call got the kernels' heads split (IndivisibleError: 4 heads over 8 devices)."""
+    out = tmp_path / "memory_gpu.json"
+    run_bench(
+        [
+            "bench/memory.py",
+            *("--model", "tiny-sdxl", "--target", "gpu-h100", "--attention", "cudnn"),
+            *("--out", str(out)),
+        ],
+        timeout=900,
+    )
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["mesh"] == [1, 8] and row["attention"] == "cudnn"
+    assert row["compute_dtype"] == "bfloat16" and row["xla_bytes_per_device"]["temp"] > 0

@@ -11,6 +11,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from bdpo_jax import schema, sharding
+from bdpo_jax.models.attention import split_over_mesh
 from bdpo_jax.schema import ConfigError
 
 
@@ -349,3 +350,27 @@ def test_tiny_unet_fsdp_1x8_matches_one_device():
     assert jax.tree.map(lambda x: x.sharding.spec, mu) == jax.tree.map(
         lambda x: x.sharding.spec, sharded.params
     )
+
+
+def test_split_over_mesh_places_a_value_by_the_mesh_it_is_traced_under():
+    """Inside traced_under_mesh a value split over heads (its last axis, as XLA propagates a
+    column-sharded projection kernel) is re-placed over the batch axes; outside it is left as
+    it is (and the math never changes)."""
+    mesh = sharding.make_mesh((2, 4))
+    x = jax.device_put(
+        jnp.arange(8 * 16, dtype=jnp.float32).reshape(8, 16),
+        jax.sharding.NamedSharding(mesh, P(None, sharding.BATCH_AXES)),
+    )
+
+    def f(x):
+        return split_over_mesh(x * 2.0)
+
+    inside = jax.jit(sharding.traced_under_mesh(f, mesh))(x)
+    assert inside.sharding.spec == P(sharding.BATCH_AXES)
+    assert inside.sharding.shard_shape(inside.shape) == (1, 16)
+    outside = jax.jit(f)(x)
+    assert outside.sharding.shard_shape(outside.shape) == (8, 2)  # as propagated from x
+    np.testing.assert_array_equal(np.asarray(inside), 2.0 * np.asarray(x))
+    np.testing.assert_array_equal(np.asarray(outside), np.asarray(inside))
+    eager = jnp.ones(3)
+    assert split_over_mesh(eager) is eager  # no mesh: the value itself

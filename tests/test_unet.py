@@ -138,7 +138,7 @@ def test_bf16_compute_close_to_fp32(cases):
 
 
 def test_remat_and_chunked_attention_give_the_same_gradient():
-    """nn.remat per block and chunked attention change memory, not math (one level: quick)."""
+    """nn.remat per layer and chunked attention change memory, not math (one level: quick)."""
     cfg = tiny_unet_config("sdxl", sample_size=4, cross_attention_dim=8)
     cfg.update(
         block_out_channels=[16],
@@ -167,6 +167,46 @@ def test_remat_and_chunked_attention_give_the_same_gradient():
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     assert max(float(jnp.abs(a).max()) for a in jax.tree.leaves(g0)) > 0
+
+
+def test_remat_checkpoints_each_resnet_and_each_transformer_layer():
+    """diffusers' gradient checkpointing grain: one jax.checkpoint per ResnetBlock2D and per
+    BasicTransformerBlock (not per UNet block), so the backward re-runs one layer at a time."""
+    from bdpo_jax.memory_plan import _remat_eqns
+
+    cfg = tiny_unet_config("sd15", sample_size=8, cross_attention_dim=8)
+    model = UNet2DConditionModel.from_config(cfg, remat=True)
+    params = init_unet_params(model, jax.random.key(0))
+    x = unet_inputs(cfg, batch=1, seq=3, seed=0)
+    jaxpr = jax.make_jaxpr(
+        lambda p: model.apply({"params": p}, x["sample"], x["timesteps"], x["context"])
+    )(params).jaxpr
+    eqns = _remat_eqns(jaxpr)
+    spec = model.spec
+    levels = len(spec.block_out_channels)
+    attn_down = [t == "CrossAttnDownBlock2D" for t in spec.down_block_types]
+    attn_up = [t == "CrossAttnUpBlock2D" for t in spec.up_block_types]
+    expected = 0
+    for level in range(levels):
+        layers = spec.layers_per_block[level]
+        expected += layers * (1 + (spec.transformer_layers[level] if attn_down[level] else 0))
+        up_level = levels - 1 - level
+        up_layers = spec.layers_per_block[up_level] + 1
+        expected += up_layers * (1 + (spec.transformer_layers[up_level] if attn_up[level] else 0))
+    if spec.mid_block:
+        expected += 2 + spec.transformer_layers[-1]
+    assert expected > 4
+    assert len(eqns) == expected
+    # no checkpoint inside another: each one is a single layer
+    assert all(not _remat_eqns(e.params["jaxpr"]) for e in eqns)
+    # each layer's backward hands on its input gradient together with its weight gradients:
+    # one optimization barrier per checkpointed layer in the gradient's program (models/remat.py)
+    grad_jaxpr = jax.make_jaxpr(
+        jax.grad(
+            lambda p: model.apply({"params": p}, x["sample"], x["timesteps"], x["context"]).sum()
+        )
+    )(params)
+    assert str(grad_jaxpr).count("optimization_barrier") == expected
 
 
 @pytest.mark.parametrize("family", FAMILIES)

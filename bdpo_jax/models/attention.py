@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from bdpo_jax.models.flash import chunked_attention
 from bdpo_jax.models.norms import GroupNorm, LayerNorm
+from bdpo_jax.models.remat import layer_class, run_layer
 from bdpo_jax.models.resnet import conv
 
 ATTENTION_CHOICES = ("auto", "xla", "cudnn", "chunked")
@@ -79,6 +80,19 @@ def gpu_attention(
     return "cudnn" if head_dim % 8 == 0 and head_dim <= max_dim else "xla"
 
 
+def split_over_mesh(x: jax.Array) -> jax.Array:
+    """`x` with its leading (batch) axis split over every axis of the mesh being traced under
+    (the trainer traces its step under its (data, fsdp) mesh, both batch axes:
+    sharding.traced_under_mesh), the rest replicated; `x` itself outside a mesh. For the cuDNN
+    call, whose partitioning cannot follow XLA's propagated sharding: jax 0.10's cuDNN attention
+    under FSDP was handed the projection kernels' split of the heads, which SDXL's 10 or 20
+    heads cannot take over 8 devices (IndivisibleError)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(mesh.axis_names))
+
+
 class Attention(nn.Module):
     """Multi-head attention: to_q/to_k/to_v without bias, to_out_0 with bias."""
 
@@ -105,9 +119,15 @@ class Attention(nn.Module):
         if impl == "chunked":
             o_BxTxNxH = chunked_attention(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH)
         else:
+            if impl == "cudnn":  # under FSDP: batch-split, not heads-split
+                q_BxTxNxH, k_BxSxNxH, v_BxSxNxH = (
+                    split_over_mesh(a) for a in (q_BxTxNxH, k_BxSxNxH, v_BxSxNxH)
+                )
             o_BxTxNxH = jax.nn.dot_product_attention(
                 q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, implementation=impl
             )
+            if impl == "cudnn":  # and so is the output's cotangent, the backward call's input
+                o_BxTxNxH = split_over_mesh(o_BxTxNxH)
         return nn.Dense(d, name="to_out_0", **kw)(o_BxTxNxH.reshape(b, t, inner))
 
 
@@ -165,6 +185,7 @@ class Transformer2DModel(nn.Module):
     groups: int
     use_linear_projection: bool
     attention: str = "auto"
+    remat: bool = False  # checkpoint each transformer layer (nn.remat)
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -177,11 +198,12 @@ class Transformer2DModel(nn.Module):
             y = nn.Dense(c, name="proj_in", **kw)(y.reshape(b, h * w, c))
         else:
             y = conv(c, 1, "proj_in", **kw)(y).reshape(b, h * w, c)
+        block_cls = layer_class(BasicTransformerBlock, self.remat)
         for i in range(self.num_layers):
-            block = BasicTransformerBlock(
+            block = block_cls(
                 self.heads, c // self.heads, self.attention, name=f"transformer_blocks_{i}", **kw
             )
-            y = block(y, context_BxSxE)
+            y = run_layer(block, y, context_BxSxE, remat=self.remat)
         if self.use_linear_projection:
             y = nn.Dense(c, name="proj_out", **kw)(y).reshape(b, h, w, c)
         else:

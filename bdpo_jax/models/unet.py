@@ -117,6 +117,7 @@ class UNet2DConditionModel(nn.Module):
             eps=spec.norm_eps,
             use_linear_projection=spec.use_linear_projection,
             attention=self.attention,
+            remat=self.remat,
             **self._kw(),
         )
 
@@ -212,9 +213,8 @@ class UNet2DConditionModel(nn.Module):
         x = conv(spec.block_out_channels[0], spec.conv_in_kernel, "conv_in", **kw)(x)
         n = len(spec.block_out_channels)
         skips: list[jax.Array] = [x]
-        down_cls = nn.remat(DownBlock) if self.remat else DownBlock
         for i, block_type in enumerate(spec.down_block_types):
-            block = down_cls(
+            block = DownBlock(
                 out_channels=spec.block_out_channels[i],
                 num_layers=spec.layers_per_block[i],
                 has_attention=block_type == "CrossAttnDownBlock2D",
@@ -228,8 +228,7 @@ class UNet2DConditionModel(nn.Module):
 
         # mid
         if spec.mid_block:
-            mid_cls = nn.remat(MidBlock) if self.remat else MidBlock
-            mid = mid_cls(
+            mid = MidBlock(
                 out_channels=spec.block_out_channels[-1],
                 num_layers=1,
                 has_attention=True,
@@ -241,14 +240,13 @@ class UNet2DConditionModel(nn.Module):
 
         # up: diffusers forwards the skip's size to the upsampler when H or W is not a
         # multiple of 2**(levels-1); we always pass it, which is the same for exact multiples.
-        up_cls = nn.remat(UpBlock) if self.remat else UpBlock
         for i, block_type in enumerate(spec.up_block_types):
             level = n - 1 - i
             num_layers = spec.layers_per_block[level] + 1
             block_skips = tuple(skips[-num_layers:])
             del skips[-num_layers:]
             is_final = i == n - 1
-            block = up_cls(
+            block = UpBlock(
                 out_channels=spec.block_out_channels[level],
                 num_layers=num_layers,
                 has_attention=block_type == "CrossAttnUpBlock2D",
