@@ -18,14 +18,14 @@ segment's intermediates). The total (`plan_total`) is the state, the gradient ac
 recomputed layer and the larger of activations and gradient, not their sum: the backward frees
 each layer's saved input as it writes that layer's gradient.
 
-Checked against XLA's GPU program for one H100 at the per-device micro-batch (bench/memory.py
---target gpu-h100 --devices 1, compiled without a GPU): SD1.5, 16 pairs, AdamW: plan 22.01 GiB,
-XLA 21.52; SDXL, 4 pairs, Adafactor: plan 30.88, XLA 31.98. On 8 devices XLA holds more than
-one device's share: its schedule defers the weight gradients (and keeps the activation
-gradients they read) until the gradient all-reduces at the end of the backward pass (SD1.5 data
-parallel: 40.88 GiB against 21.52 on one device for the same per-device batch); the plan does
-not model that, so on a multi-GPU mesh leave that headroom (README: "Real sizes"). XLA:CPU holds
-more again (f32 copies of bf16 matmul operands; bench/memory.py).
+Checked against XLA's GPU programs (bench/memory.py --target gpu-h100, compiled without a GPU):
+configs/sd15.py on 8 H100s, plan 23.62 GiB per device, XLA 23.32 (matched forward off: 22.01,
+21.53); configs/sdxl.py on 8 H100s (FSDP, matched forward off), plan 28.91, XLA 27.55; one
+device's share of each (off), plan 22.01 / 30.88, XLA 21.69 / 32.07.
+The 8-device figures hold because each checkpointed layer's weight gradients are computed
+before the next layer's backward (models/remat.py): without that XLA deferred them to the
+gradient all-reduces and held 40.88 GiB for SD1.5. XLA:CPU holds about 3x the plan (f32 copies
+of bf16 matmul operands and its own schedule; bench/memory.py), an upper bound.
 
 LoRA (--lora-rank r, config.lora.rank): the frozen base is held once, in the compute dtype
 (row base_params); params, ref_params, optimizer state and gradients are the adapters' (tiny);
@@ -108,8 +108,8 @@ def _remat_eqns(jaxpr) -> list:
 
 
 def _remat_recompute_bytes(model, abstract_params, x, t, text, added) -> int:
-    """The largest remat block's residuals: what the backward holds after re-running that block
-    (each remat equation of the forward's jaxpr is one nn.remat block; params excluded)."""
+    """The largest checkpointed layer's residuals: what the backward holds after re-running that
+    layer (each remat equation of the forward's jaxpr is one nn.remat layer; params excluded)."""
     from jax.extend import core as jex_core
 
     def f(p, x, t, text, added):
@@ -160,6 +160,7 @@ def memory_plan(
     activations: bool = True,
     lora_rank: int = 0,
     lora_targets: tuple[str, ...] = lora.ATTENTION_TARGETS,
+    matched_forward: bool = True,
 ) -> dict[str, Any]:
     """The plan as a dict of bytes per device (and the inputs that produced it); lora_rank > 0
     plans a LoRA run on `lora_targets` (see the module docstring)."""
@@ -252,6 +253,15 @@ def memory_plan(
             "grad_accumulator": p_bytes if grad_accum > 1 else 0,
             "activations": act,
             "remat_recompute": recompute,
+            # config.dpo.matched_forward: the forward-only program's selected params, cast
+            "matched_forward": _leaf_bytes_per_device(
+                jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype), abstract_params),
+                ms,
+                rules,
+                fsdp_min_size,
+            )
+            if matched_forward
+            else 0,
         }
     rows["total"] = plan_total(rows)
     rows["activations_without_remat"] = act_no_remat  # not in the total
@@ -269,6 +279,7 @@ def memory_plan(
         "optimizer": optimizer,
         "compute_dtype": compute_dtype,
         "remat": remat,
+        "matched_forward": bool(matched_forward),
         "bytes_per_device": rows,
     }
 
@@ -335,6 +346,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--optimizer", default="", choices=("", "adamw", "adafactor"))
     parser.add_argument("--no-remat", action="store_true")
+    parser.add_argument(
+        "--no-matched-forward",
+        action="store_true",
+        help="config.dpo.matched_forward=False (configs/tiny.py, demo.py)",
+    )
     parser.add_argument("--lora-rank", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
     parser.add_argument(
         "--lora-include-ff", action="store_true", help="LoRA on the feed-forward layers too"
@@ -362,6 +378,7 @@ def main(argv: list[str] | None = None) -> None:
                     latent_size=latent,
                     optimizer=opt,
                     remat=not args.no_remat,
+                    matched_forward=not args.no_matched_forward,
                     lora_rank=args.lora_rank,
                     lora_targets=targets,
                 )

@@ -29,11 +29,10 @@ no cost analysis). XLA flags set for a GPU target unless XLA_FLAGS already names
   * SDXL only (GPU_COMPILER_OPTIONS): xla_disable_hlo_passes=gpu-all-reduce-combiner. As on CPU,
     the combiner's reachability rebuilds on SDXL's FSDP step ran 23 CPU minutes without
     finishing. It is not neutral on GPU: SD1.5 without it held 34.14 instead of 27.46 GiB of
-    temporaries (peak 46.96 instead of 40.27), so SDXL's figure is high by a like share.
-    configs/sdxl.py's 128 pairs without accumulation need more than the GPU's memory (plan: 150
-    GiB): XLA:GPU then rematerializes on its own (HloRematerialization, still running after 10
-    CPU minutes). Raising its memory limit (xla_gpu_memory_limit_slop_factor=10000) turns off
-    the scheduler's memory pressure as well: 714 GiB. The SDXL row is at --accum 4.
+    temporaries (measured before models/remat.py's layer barriers), so SDXL's figure may be high
+    by a like share. With the barriers configs/sdxl.py's own step (128 pairs, no accumulation)
+    compiles in about 31 minutes here (15.6 GB of host memory) and needs 27.55 GiB per H100;
+    before them XLA:GPU's rematerialisation ran on a schedule of 144 GiB (at --accum 4).
 SDXL's FSDP mesh (1, 8) with cuDNN attention: jax 0.10's custom_partitioning of the cuDNN call
 was handed the projection kernels' heads split, which it cannot map onto the mesh
 (IndivisibleError: "shape=[1, 1, 2, 1, 4] is incompatible with mesh_shape ... ('fsdp', 8)"), on a
@@ -60,9 +59,10 @@ machine):
     into larger ones (GPU combines under its own size thresholds), not what a block keeps live.
 Attention: "auto" is "chunked" on CPU (models/flash.py, FlashAttention's algorithm: no [T, S]
 logits kept), the memory class of cuDNN's flash attention on GPU. What stays CPU-specific:
-XLA:CPU upcasts bf16 matmul and convolution operands to f32 copies (GPU runs them in bf16), and
-its scheduler defers weight gradients to the end of the backward pass, keeping recomputed block
-intermediates alive; both put XLA above the plan (see the README's table).
+XLA:CPU upcasts bf16 matmul and convolution operands to f32 copies (GPU runs them in bf16) and
+its schedule keeps more alive than the GPU's (SD1.5: 72 GiB against the plan's 22; the layer
+barriers of models/remat.py, which brought XLA:GPU's 8-device program down to the plan, moved
+XLA:CPU's peak only from 73.4 to 72.1 GiB): the CPU rows are an upper bound (README's table).
 """
 
 from __future__ import annotations
@@ -177,11 +177,14 @@ def compiled_memory(
     target: str = "cpu",
     attention_choice: str = "",
     devices: int = DEVICES,
+    matched_forward: bool | None = None,
 ) -> dict:
     """Lower and compile the DPO step of `name` on `devices` (fake CPU or compile-only GPU)
     devices; its memory analysis and FLOPs."""
     if target == "cpu":
-        return _compiled_memory(name, batch, accum, attention_choice, None, devices)
+        return _compiled_memory(
+            name, batch, accum, attention_choice, None, devices, matched_forward
+        )
     with open(gpu_target.spec_path(target)) as f:
         spec_text = f.read()
     spec = gpu_target.parse_spec(spec_text)
@@ -190,17 +193,27 @@ def compiled_memory(
     capability = spec["compute_capability"]  # "auto" and jax's cuDNN checks as on that GPU:
     with attention.gpu_target(capability), gpu_target.cudnn_capability(capability):
         return _compiled_memory(
-            name, batch, accum, attention_choice, (target, spec_text, spec), devices
+            name,
+            batch,
+            accum,
+            attention_choice,
+            (target, spec_text, spec),
+            devices,
+            matched_forward,
         )
 
 
-def _compiled_memory(name, batch, accum, attention_choice, gpu, n_devices) -> dict:
+def _compiled_memory(
+    name, batch, accum, attention_choice, gpu, n_devices, matched_forward=None
+) -> dict:
     import jax
 
     from bdpo_jax import compile_options, data, sharding, train, train_state
     from bdpo_jax.models import attention, dtypes
 
     config = _config(name, batch, accum)
+    if matched_forward is not None:
+        config.dpo.matched_forward = matched_forward
     config.model.attention = attention_choice or config.model.attention
     global_batch = int(config.train.global_batch_size)
     target, spec = "cpu", None
@@ -300,6 +313,7 @@ def plan_for(row: dict) -> dict:
         optimizer=row["optimizer"],
         compute_dtype=row["compute_dtype"],
         remat=row["remat"],
+        matched_forward=row["matched_forward"],
     )["bytes_per_device"]
 
 
@@ -349,6 +363,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", nargs="+", default=["sd15", "sdxl"], choices=tuple(_SHAPES))
     parser.add_argument(
+        "--no-matched-forward",
+        action="store_true",
+        help="config.dpo.matched_forward=False (default: the config's, on)",
+    )
+    parser.add_argument(
         "--devices",
         type=int,
         default=DEVICES,
@@ -384,7 +403,13 @@ def main() -> None:
     meta, rows = common.environment(), []
     for name in args.model:
         row = compiled_memory(
-            name, args.batch or None, args.accum or None, args.target, args.attention, args.devices
+            name,
+            args.batch or None,
+            args.accum or None,
+            args.target,
+            args.attention,
+            args.devices,
+            False if args.no_matched_forward else None,
         )
         if not name.startswith("tiny"):
             row = with_plan(row, plan_for(row))

@@ -27,6 +27,9 @@ def test_memory_plan_counts_sd15_params_and_shards_them():
     assert 0 < rows1["remat_recompute"] < rows1["activations_without_remat"]
     # the backward frees saved activations as it writes gradients: the larger of the two counts
     held = rows1["params"] + rows1["ref_params"] + rows1["opt_state"] + rows1["remat_recompute"]
+    # config.dpo.matched_forward (the default): the selected params, once, in bf16 compute
+    assert rows1["matched_forward"] == 2 * 859_520_964
+    held += rows1["matched_forward"]
     assert rows1["grad_accumulator"] == 0
     assert rows1["total"] == held + max(rows1["grads"], rows1["activations"])
     accum = memory_plan.memory_plan(
@@ -39,8 +42,18 @@ def test_memory_plan_counts_sd15_params_and_shards_them():
         + accum["opt_state"]
         + accum["grad_accumulator"]
         + accum["remat_recompute"]
+        + accum["matched_forward"]
         + max(accum["grads"], accum["activations"])
     )
+    off = memory_plan.memory_plan(
+        "sd15",
+        mesh_shape=(1, 1),
+        global_batch=8,
+        grad_accum=1,
+        latent_size=16,
+        matched_forward=False,
+    )["bytes_per_device"]
+    assert off["matched_forward"] == 0 and off["total"] == rows1["total"] - rows1["matched_forward"]
     assert "params" in memory_plan.format_table([plan1, plan8])
 
 
