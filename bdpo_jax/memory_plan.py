@@ -222,9 +222,11 @@ def memory_plan(
         act_no_remat = _residual_bytes(plain, abstract_params, x, t, text, added)
     n_params = int(sum(np.prod(a.shape) for a in jax.tree.leaves(abstract_params)))
     extra: dict[str, Any] = {}
+    # the params in the compute dtype: a LoRA run's frozen base, the matched forward's selection
+    compute_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype), abstract_params)
     if lora_rank:
         spec = lora.LoraSpec(int(lora_rank), float(lora_rank), tuple(lora_targets))
-        base = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype), abstract_params)
+        base = compute_params
         adapters = lora.abstract_adapters(abstract_params, spec, jnp.float32)
         flat = traverse_util.flatten_dict(base)
         kernels = {"/".join(p): flat[p] for p in lora.target_paths(base, spec)}
@@ -254,12 +256,7 @@ def memory_plan(
             "activations": act,
             "remat_recompute": recompute,
             # config.dpo.matched_forward: the forward-only program's selected params, cast
-            "matched_forward": _leaf_bytes_per_device(
-                jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype), abstract_params),
-                ms,
-                rules,
-                fsdp_min_size,
-            )
+            "matched_forward": _leaf_bytes_per_device(compute_params, ms, rules, fsdp_min_size)
             if matched_forward
             else 0,
         }
