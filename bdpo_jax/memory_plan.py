@@ -24,8 +24,11 @@ configs/sd15.py on 8 H100s, plan 23.62 GiB per device, XLA 23.32 (matched forwar
 device's share of each (off), plan 22.01 / 30.88, XLA 21.69 / 32.07.
 The 8-device figures hold because each checkpointed layer's weight gradients are computed
 before the next layer's backward (models/remat.py): without that XLA deferred them to the
-gradient all-reduces and held 40.88 GiB for SD1.5. XLA:CPU holds about 3x the plan (f32 copies
-of bf16 matmul operands and its own schedule; bench/memory.py), an upper bound.
+gradient all-reduces and held 40.88 GiB for SD1.5. `--backend cpu` plans XLA:CPU's program,
+which runs bf16 ops in f32 and keeps f32 values for the backward (each saved element counted at
+4 bytes at least): configs/sd15.py on 8 fake CPU devices, plan 31.09 GiB, XLA:CPU 30.97;
+configs/sdxl.py, plan 52.54, XLA:CPU 39.94 (an upper bound there: XLA:CPU keeps part of what it
+saves in bf16, which only its compile decides).
 
 LoRA (--lora-rank r, config.lora.rank): the frozen base is held once, in the compute dtype
 (row base_params); params, ref_params, optimizer state and gradients are the adapters' (tiny);
@@ -55,6 +58,10 @@ _TEXT_SHAPES = {"sd15": (77, 768), "sd21": (77, 1024), "sdxl": (77, 2048)}
 _LATENT_SIZES = {"sd15": 64, "sd21": 96, "sdxl": 128}  # 512, 768 and 1024 px
 GPU_SIZES_GB = (24, 40, 80)  # one GPU's memory in GiB (RTX 4090 / A100-40 / A100-80, H100)
 FIT_HEADROOM = 0.1  # share of a GPU kept free for XLA temporaries, the CUDA context, fragmentation
+# bytes per element, at least, of what the backward holds, per XLA backend: GPUs (and TPUs) run
+# bf16/fp16 dots, convolutions and elementwise ops in that dtype; XLA:CPU's float normalization
+# runs them in f32 and the values it keeps for the backward are f32 (bench/memory.py)
+BACKEND_MIN_ITEMSIZE = {"gpu": 1, "cpu": 4}
 
 
 class _MeshShape(NamedTuple):
@@ -75,7 +82,19 @@ def _leaf_bytes_per_device(abstract: Any, mesh_shape: _MeshShape, rules, min_siz
     return total
 
 
-def _residual_bytes(model, abstract_params, x, t, text, added) -> int:
+def _held_bytes(residuals, min_itemsize: int) -> int:
+    """Bytes of jax's saved residuals, intermediates only (not params or inputs), each element
+    counted at no fewer than `min_itemsize` bytes (BACKEND_MIN_ITEMSIZE)."""
+    return int(
+        sum(
+            np.prod(a.shape, dtype=np.int64) * max(a.dtype.itemsize, min_itemsize)
+            for a, src in residuals
+            if not src.startswith("from the argument")
+        )
+    )
+
+
+def _residual_bytes(model, abstract_params, x, t, text, added, min_itemsize: int) -> int:
     """Bytes the vjp of one forward saves (intermediates only, not params or inputs)."""
 
     def f(p, x, t, text, added):
@@ -83,14 +102,7 @@ def _residual_bytes(model, abstract_params, x, t, text, added) -> int:
 
     from jax._src.ad_checkpoint import saved_residuals  # no public equivalent yet
 
-    res = saved_residuals(f, abstract_params, x, t, text, added)
-    return int(
-        sum(
-            np.prod(a.shape, dtype=np.int64) * a.dtype.itemsize
-            for a, src in res
-            if not src.startswith("from the argument")
-        )
-    )
+    return _held_bytes(saved_residuals(f, abstract_params, x, t, text, added), min_itemsize)
 
 
 def _remat_eqns(jaxpr) -> list:
@@ -107,7 +119,7 @@ def _remat_eqns(jaxpr) -> list:
     return found
 
 
-def _remat_recompute_bytes(model, abstract_params, x, t, text, added) -> int:
+def _remat_recompute_bytes(model, abstract_params, x, t, text, added, min_itemsize: int) -> int:
     """The largest checkpointed layer's residuals: what the backward holds after re-running that
     layer (each remat equation of the forward's jaxpr is one nn.remat layer; params excluded)."""
     from jax.extend import core as jex_core
@@ -122,13 +134,7 @@ def _remat_recompute_bytes(model, abstract_params, x, t, text, added) -> int:
     for eqn in _remat_eqns(closed.jaxpr):
         block = jex_core.jaxpr_as_fun(jex_core.ClosedJaxpr(eqn.params["jaxpr"], []))
         args = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars]
-        res = saved_residuals(block, *args)
-        held = sum(
-            np.prod(a.shape, dtype=np.int64) * a.dtype.itemsize
-            for a, src in res
-            if not src.startswith("from the argument")
-        )
-        largest = max(largest, int(held))
+        largest = max(largest, _held_bytes(saved_residuals(block, *args), min_itemsize))
     return largest
 
 
@@ -161,11 +167,18 @@ def memory_plan(
     lora_rank: int = 0,
     lora_targets: tuple[str, ...] = lora.ATTENTION_TARGETS,
     matched_forward: bool = True,
+    backend: str = "gpu",
 ) -> dict[str, Any]:
     """The plan as a dict of bytes per device (and the inputs that produced it); lora_rank > 0
-    plans a LoRA run on `lora_targets` (see the module docstring)."""
+    plans a LoRA run on `lora_targets`; `backend` is the XLA backend whose program it describes
+    (BACKEND_MIN_ITEMSIZE; see the module docstring)."""
     from bdpo_jax.models import UNet2DConditionModel
 
+    if backend not in BACKEND_MIN_ITEMSIZE:
+        raise schema.ConfigError(
+            f"--backend {backend!r}: expected one of {', '.join(BACKEND_MIN_ITEMSIZE)}"
+        )
+    min_itemsize = BACKEND_MIN_ITEMSIZE[backend]
     unet_cfg = presets.real_unet_config(model_name)
     dtype = dtypes.dtype_from_name(compute_dtype, "compute_dtype")
     ms = _MeshShape(dict(zip(sharding.BATCH_AXES, (int(n) for n in mesh_shape), strict=True)))
@@ -210,16 +223,17 @@ def memory_plan(
             ),
             "time_ids": jax.ShapeDtypeStruct((2 * pairs, 6), jnp.float32),
         }
-    act = _residual_bytes(model, abstract_params, x, t, text, added) if activations else 0
+    residual_args = (abstract_params, x, t, text, added, min_itemsize)
+    act = _residual_bytes(model, *residual_args) if activations else 0
     act_no_remat = act
     recompute = 0
     if remat and activations:
-        recompute = _remat_recompute_bytes(model, abstract_params, x, t, text, added)
+        recompute = _remat_recompute_bytes(model, *residual_args)
     if (
         remat and activations
     ):  # the upper bound: every intermediate saved (no gradient checkpointing)
         plain = UNet2DConditionModel.from_config(unet_cfg, param_dtype=jnp.float32, dtype=dtype)
-        act_no_remat = _residual_bytes(plain, abstract_params, x, t, text, added)
+        act_no_remat = _residual_bytes(plain, *residual_args)
     n_params = int(sum(np.prod(a.shape) for a in jax.tree.leaves(abstract_params)))
     extra: dict[str, Any] = {}
     # the params in the compute dtype: a LoRA run's frozen base, the matched forward's selection
@@ -277,6 +291,7 @@ def memory_plan(
         "compute_dtype": compute_dtype,
         "remat": remat,
         "matched_forward": bool(matched_forward),
+        "backend": backend,
         "bytes_per_device": rows,
     }
 
@@ -352,6 +367,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--lora-include-ff", action="store_true", help="LoRA on the feed-forward layers too"
     )
+    parser.add_argument(
+        "--backend",
+        default="gpu",
+        choices=tuple(BACKEND_MIN_ITEMSIZE),
+        help="the XLA backend whose program to plan (cpu: saved values in f32)",
+    )
     parser.add_argument("--json", default="")
 
     def run() -> None:
@@ -378,6 +399,7 @@ def main(argv: list[str] | None = None) -> None:
                     matched_forward=not args.no_matched_forward,
                     lora_rank=args.lora_rank,
                     lora_targets=targets,
+                    backend=args.backend,
                 )
             )
         print(format_table(plans))

@@ -44,6 +44,11 @@ call (models.attention.split_over_mesh; the step is traced under its mesh), and 
 state (unsharded), no collectives. It separates what the model and its backward hold from what
 XLA's scheduling around the gradient all-reduces adds on 8 devices (README).
 
+On CPU the figures come from compiled.memory_analysis() or, where XLA:CPU goes on building the
+executable for more than DUMP_GRACE_S after assigning the buffers (SDXL's FSDP step: the thunk
+graph's transitive reduction ran for over an hour), from the buffer assignment in XLA's dump
+(compile_cpu; the row's memory_source says which, and the two agree exactly on the tiny step).
+
 XLA flags set for --target cpu unless XLA_FLAGS already names them (the plan describes a GPU run;
 these make the CPU compile that program as far as the CPU backend allows, and make it fit this
 machine):
@@ -59,18 +64,25 @@ machine):
     into larger ones (GPU combines under its own size thresholds), not what a block keeps live.
 Attention: "auto" is "chunked" on CPU (models/flash.py, FlashAttention's algorithm: no [T, S]
 logits kept), the memory class of cuDNN's flash attention on GPU. What stays CPU-specific:
-XLA:CPU upcasts bf16 matmul and convolution operands to f32 copies (GPU runs them in bf16) and
-its schedule keeps more alive than the GPU's (SD1.5: 72 GiB against the plan's 22; the layer
-barriers of models/remat.py, which brought XLA:GPU's 8-device program down to the plan, moved
-XLA:CPU's peak only from 73.4 to 72.1 GiB): the CPU rows are an upper bound (README's table).
+XLA:CPU runs bf16 matmuls, convolutions and elementwise ops in f32 (GPU runs them in bf16), so
+the values the backward keeps are f32: a CPU row's plan is `memory_plan(backend="cpu")`, which
+counts each saved element at 4 bytes at least (SD1.5: XLA:CPU 30.97 GiB, plan 31.09; SDXL:
+39.94 against 52.54, XLA:CPU keeping part of it in bf16). XLA:CPU
+also drops optimization barriers before it schedules; models/remat.py orders each layer's
+backward by data dependencies there instead (without them: 72.08 GiB, README).
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
+import re
+import shutil
 import sys
+import tempfile
+import threading
 import time
 
 DEFAULT_XLA_FLAGS = {  # flag -> value, each set unless XLA_FLAGS already names it
@@ -115,6 +127,7 @@ from bench import common, gpu_target  # noqa: E402
 
 GIB = 2**30
 DEVICES = 8
+DUMP_GRACE_S = 300  # compile_cpu: how long after the buffer assignment to wait for the executable
 _SHAPES = {  # model -> (config file, unet_config, latent side, text shape, pooled dim)
     "tiny": ("tiny", "tiny:sd15", 8, (8, 32), 0),
     "tiny-sdxl": ("tiny", "tiny:sdxl", 8, (8, 32), 32),
@@ -251,12 +264,13 @@ def _compiled_memory(
     lower_s = time.perf_counter() - t0
     flops = gpu_target.step_flops(lowered)
     options = GPU_COMPILER_OPTIONS.get(name, {}) if gpu is not None else {}
-    t0 = time.perf_counter()
-    compiled = lowered.compile(compiler_options=options or None)
-    compile_s = time.perf_counter() - t0
-    ma = compiled.memory_analysis()
-    arg, out = ma.argument_size_in_bytes, ma.output_size_in_bytes
-    alias, temp = ma.alias_size_in_bytes, ma.temp_size_in_bytes
+    if gpu is None:
+        xla_bytes, timing = compile_cpu(lowered)
+    else:
+        t0 = time.perf_counter()
+        compiled = lowered.compile(compiler_options=options or None)
+        xla_bytes = memory_analysis_bytes(compiled)
+        timing = {"compile_seconds": time.perf_counter() - t0}
     impl = attention.attention_implementation(
         config.model.attention,
         dtypes.dtype_from_name(config.model.compute_dtype, "compute_dtype"),
@@ -287,17 +301,113 @@ def _compiled_memory(
         # what the compile got: the package's options (train.jit_train_step) merged with these
         "compiler_options": {**(compile_options.compiler_options() or {}), **options},
         "lower_seconds": lower_s,
-        "compile_seconds": compile_s,
+        **timing,
         "xla_flops_per_step": flops,  # all devices; HloCostAnalysis of the unoptimised HLO
         "xla_flops_per_device": flops / len(mesh.devices.flat),
-        "xla_bytes_per_device": {
-            "argument": arg,
-            "output": out,
-            "alias": alias,
-            "temp": temp,
-            "generated_code": ma.generated_code_size_in_bytes,
-            "peak": arg + out - alias + temp,
-        },
+        "xla_bytes_per_device": xla_bytes,
+    }
+
+
+def memory_analysis_bytes(compiled) -> dict[str, int]:
+    """XLA's compiled memory analysis per device; peak = argument + output - alias + temp."""
+    ma = compiled.memory_analysis()
+    arg, out = ma.argument_size_in_bytes, ma.output_size_in_bytes
+    alias, temp = ma.alias_size_in_bytes, ma.temp_size_in_bytes
+    return {
+        "argument": arg,
+        "output": out,
+        "alias": alias,
+        "temp": temp,
+        "generated_code": ma.generated_code_size_in_bytes,
+        "peak": arg + out - alias + temp,
+    }
+
+
+def buffer_assignment_bytes(text: str) -> dict[str, int]:
+    """The same figures from XLA:CPU's buffer-assignment dump (`allocation N: size S, kind`):
+    argument = the parameter allocations, temp = the preallocated temp allocation, output -
+    alias = the live-out allocations that are no parameter (donated state is written in place).
+    tests/test_bench_memory.py checks it against memory_analysis() on the tiny step."""
+    argument = temp = unaliased_out = 0
+    for size, kind in re.findall(r"^allocation \d+: size (\d+), (\S+)", text, re.M):
+        if kind == "parameter":
+            argument += int(size)
+        elif kind == "preallocated-temp:":
+            temp += int(size)
+        elif kind in ("maybe-live-out:", "output"):
+            unaliased_out += int(size)
+    return {
+        "argument": argument,
+        "unaliased_output": unaliased_out,
+        "temp": temp,
+        "peak": argument + unaliased_out + temp,
+    }
+
+
+def _finished_dump(folder: str, sizes: dict[str, int]) -> str | None:
+    """The buffer-assignment dump in `folder` once its size held still between two calls."""
+    for path in glob.glob(os.path.join(folder, "*after_optimizations-buffer-assignment.txt")):
+        size = os.path.getsize(path)
+        if sizes.get(path) == size and size > 0:
+            with open(path) as f:
+                return f.read()
+        sizes[path] = size
+    return None
+
+
+ABANDONED_COMPILES: list[tuple[threading.Thread, str]] = []  # (compile, its dump folder)
+
+
+def compile_cpu(lowered, poll_s: float = 5.0) -> tuple[dict, dict]:
+    """Compile for the fake CPU devices; XLA's memory figures and timing.
+
+    The memory figures come from compiled.memory_analysis() when the executable is built within
+    DUMP_GRACE_S of XLA's buffer assignment; otherwise from the buffer assignment itself, read
+    from XLA's dump (buffer_assignment_bytes). Why: on SDXL's FSDP step XLA:CPU assigned its
+    buffers in about 20 minutes and then spent over an hour building the executable's thunk
+    graph (ExecutionGraph's transitive reduction, seen in gdb), which the figures do not need.
+    """
+    folder = tempfile.mkdtemp(prefix="bench_memory_dump_")
+    dump_options = {"xla_dump_to": folder, "xla_dump_hlo_as_text": True}
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["compiled"] = lowered.compile(compiler_options=dump_options)
+        except BaseException as error:  # re-raised in the caller's thread
+            result["error"] = error
+
+    t0 = time.perf_counter()
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    text, assigned_s, sizes = None, None, {}
+    while thread.is_alive():
+        thread.join(poll_s)
+        if text is None and (text := _finished_dump(folder, sizes)) is not None:
+            assigned_s = time.perf_counter() - t0
+        if assigned_s is not None and time.perf_counter() - t0 - assigned_s > DUMP_GRACE_S:
+            break
+    if "error" in result:
+        raise result["error"]
+    text = text or _finished_dump(folder, sizes) or _finished_dump(folder, sizes)
+    dumped = buffer_assignment_bytes(text) if text else None
+    if "compiled" in result:
+        shutil.rmtree(folder, ignore_errors=True)
+        xla_bytes = memory_analysis_bytes(result["compiled"])
+        if dumped is not None:  # the two readings of one buffer assignment
+            xla_bytes["dump_agrees"] = all(
+                dumped[k] == xla_bytes[k] for k in ("argument", "temp", "peak")
+            )
+        return xla_bytes, {"compile_seconds": time.perf_counter() - t0, "memory_source": "xla"}
+    ABANDONED_COMPILES.append((thread, folder))
+    print(
+        f"XLA:CPU assigned the step's buffers after {assigned_s:.0f} s and was still building "
+        f"the executable {DUMP_GRACE_S} s later: figures from its buffer-assignment dump",
+        flush=True,
+    )
+    return dumped, {
+        "compile_seconds": assigned_s,
+        "memory_source": "buffer-assignment dump (executable not built)",
     }
 
 
@@ -314,6 +424,7 @@ def plan_for(row: dict) -> dict:
         compute_dtype=row["compute_dtype"],
         remat=row["remat"],
         matched_forward=row["matched_forward"],
+        backend="cpu" if row["target"] == "cpu" else "gpu",
     )["bytes_per_device"]
 
 
@@ -390,6 +501,10 @@ def main() -> None:
         "--out", default="", help="JSON (default bench/results/memory.json, memory_gpu.json)"
     )
     args = parser.parse_args()
+    if not 1 <= args.devices <= DEVICES:
+        parser.error(f"--devices {args.devices}: expected 1 to {DEVICES}")
+    if args.batch < 0 or args.accum < 0:
+        parser.error(f"--batch {args.batch}, --accum {args.accum}: expected >= 0")
     if args.target != "cpu" and not gpu_target.plugin_available():
         parser.error(f"--target {args.target} {gpu_target.PLUGIN_HINT}")
     set_environment(args.target)
@@ -418,6 +533,11 @@ def main() -> None:
         # after each model: a long compile keeps what it has
         common.write_json(out, {"meta": meta, "rows": rows})
     print(format_table(rows))
+    if ABANDONED_COMPILES:  # an XLA compile cannot be interrupted: the process ends here
+        for _, folder in ABANDONED_COMPILES:
+            shutil.rmtree(folder, ignore_errors=True)
+        sys.stdout.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

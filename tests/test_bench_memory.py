@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import sys
 
 import pytest
@@ -20,7 +21,70 @@ def test_tiny_run_writes_xla_breakdown(tmp_path):
     x = row["xla_bytes_per_device"]
     assert x["argument"] > 0 and x["temp"] > 0
     assert x["peak"] == x["argument"] + x["output"] - x["alias"] + x["temp"]
+    # the buffer-assignment dump, read as for SDXL, gives memory_analysis()'s figures
+    assert row["memory_source"] == "xla" and x["dump_agrees"] is True
     assert "| tiny (" in proc.stdout
+
+
+_DUMP = """BufferAssignment:
+allocation 0: size 1000, parameter 0, shape |f32[250]| at ShapeIndex {}, maybe-live-out:
+ value: <1 p0 @0> (size=1000,offset=0): f32[250]{0}
+allocation 1: size 40, parameter 1, shape |f32[10]| at ShapeIndex {}:
+allocation 2: size 8, maybe-live-out:
+allocation 3: size 16, output shape is |(f32[250], f32[2])|, maybe-live-out:
+allocation 4: size 4, constant:
+allocation 5: size 64, thread-local:
+allocation 6: size 5000, preallocated-temp:
+"""
+
+
+def test_buffer_assignment_dump_is_read_when_the_executable_takes_too_long(monkeypatch):
+    """compile_cpu on a stand-in whose compile writes XLA's dump and then does not return:
+    the figures come from the dump (by hand: arguments 1000 + 40, temp 5000, unaliased output
+    8 + 16), and the stalled compile is handed to main() to end the process."""
+    import threading
+
+    sys.path.insert(0, REPO)
+    from bench import memory
+
+    release = threading.Event()
+
+    class StalledLowered:
+        def compile(self, compiler_options):
+            folder = compiler_options["xla_dump_to"]
+            with open(
+                os.path.join(folder, "m.cpu_after_optimizations-buffer-assignment.txt"), "w"
+            ) as f:
+                f.write(_DUMP)
+            release.wait(60)  # the executable's graph, taking its time
+
+    monkeypatch.setattr(memory, "DUMP_GRACE_S", 0.3)
+    monkeypatch.setattr(memory, "ABANDONED_COMPILES", [])
+    try:
+        xla_bytes, timing = memory.compile_cpu(StalledLowered(), poll_s=0.05)
+    finally:
+        release.set()
+    assert xla_bytes == {"argument": 1040, "unaliased_output": 24, "temp": 5000, "peak": 6064}
+    assert timing["memory_source"].startswith("buffer-assignment dump")
+    ((thread, folder),) = memory.ABANDONED_COMPILES
+    thread.join(10)
+    shutil.rmtree(folder)
+
+
+def test_bad_flags_are_one_line_errors():
+    import subprocess
+
+    for args, culprit in ((["--devices", "0"], "--devices 0"), (["--batch", "-8"], "--batch -8")):
+        proc = subprocess.run(
+            [sys.executable, "bench/memory.py", *args],
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 2 and culprit in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
 
 
 def test_default_flags_keep_what_the_caller_set(monkeypatch):

@@ -102,6 +102,30 @@ def test_memory_plan_lora_counts_by_hand_and_fits():
     assert "merged_kernels" in memory_plan.format_table([plan, full])
 
 
+def test_cpu_backend_counts_what_the_backward_keeps_in_f32():
+    """XLA:CPU runs bf16 ops in f32 and keeps f32 values for the backward: the cpu plan counts
+    each saved element at >= 4 bytes (by hand on a residual list), the state rows unchanged."""
+    import jax
+    import jax.numpy as jnp
+
+    residuals = [
+        (jax.ShapeDtypeStruct((2, 3), jnp.bfloat16), "output of dot_general"),
+        (jax.ShapeDtypeStruct((5,), jnp.float32), "output of reduce_sum"),
+        (jax.ShapeDtypeStruct((7, 7), jnp.bfloat16), "from the argument p"),
+    ]
+    assert memory_plan._held_bytes(residuals, memory_plan.BACKEND_MIN_ITEMSIZE["gpu"]) == 12 + 20
+    assert memory_plan._held_bytes(residuals, memory_plan.BACKEND_MIN_ITEMSIZE["cpu"]) == 24 + 20
+    kw = dict(mesh_shape=(1, 1), global_batch=2, grad_accum=1, latent_size=16)
+    gpu = memory_plan.memory_plan("sd15", **kw)["bytes_per_device"]
+    cpu = memory_plan.memory_plan("sd15", backend="cpu", **kw)["bytes_per_device"]
+    for row in ("params", "ref_params", "opt_state", "grads", "matched_forward"):
+        assert cpu[row] == gpu[row], row
+    for row in ("activations", "remat_recompute"):  # bf16 mostly, some f32 (norm statistics)
+        assert gpu[row] < cpu[row] <= 2 * gpu[row], row
+    with pytest.raises(schema.ConfigError, match="--backend 'tpu'"):
+        memory_plan.memory_plan("sd15", backend="tpu", **kw)
+
+
 def test_parse_mesh():
     assert memory_plan.parse_mesh("1,8") == (1, 8)
     for bad in ("8", "1,x", "0,8", "1,2,3", ""):
@@ -116,6 +140,7 @@ def test_cli_user_errors_are_one_line_and_exit_2(tmp_path, capsys):
         "--batch": ["--model", "sd15", "--mesh", "1,8", "--batch", "12"],
         "--optimizer": ["--optimizer", "sgd"],
         "--lora-rank": ["--lora-rank", "-1"],
+        "--backend": ["--backend", "tpu"],
     }
     for culprit, args in cases.items():
         with pytest.raises(SystemExit) as exit_info:
