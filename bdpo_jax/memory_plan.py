@@ -60,7 +60,8 @@ GPU_SIZES_GB = (24, 40, 80)  # one GPU's memory in GiB (RTX 4090 / A100-40 / A10
 FIT_HEADROOM = 0.1  # share of a GPU kept free for XLA temporaries, the CUDA context, fragmentation
 # bytes per element, at least, of what the backward holds, per XLA backend: GPUs (and TPUs) run
 # bf16/fp16 dots, convolutions and elementwise ops in that dtype; XLA:CPU's float normalization
-# runs them in f32 and the values it keeps for the backward are f32 (bench/memory.py)
+# runs them in f32 and keeps most of what the backward needs in f32 (all of it counted so: an
+# upper bound where it keeps part in bf16, as for SDXL; bench/memory.py)
 BACKEND_MIN_ITEMSIZE = {"gpu": 1, "cpu": 4}
 
 

@@ -65,7 +65,7 @@ machine):
 Attention: "auto" is "chunked" on CPU (models/flash.py, FlashAttention's algorithm: no [T, S]
 logits kept), the memory class of cuDNN's flash attention on GPU. What stays CPU-specific:
 XLA:CPU runs bf16 matmuls, convolutions and elementwise ops in f32 (GPU runs them in bf16), so
-the values the backward keeps are f32: a CPU row's plan is `memory_plan(backend="cpu")`, which
+most of what the backward keeps is f32: a CPU row's plan is `memory_plan(backend="cpu")`, which
 counts each saved element at 4 bytes at least (SD1.5: XLA:CPU 30.97 GiB, plan 31.09; SDXL:
 39.94 against 52.54, XLA:CPU keeping part of it in bf16). XLA:CPU
 also drops optimization barriers before it schedules; models/remat.py orders each layer's
@@ -364,7 +364,7 @@ def compile_cpu(lowered, poll_s: float = 5.0) -> tuple[dict, dict]:
     The memory figures come from compiled.memory_analysis() when the executable is built within
     DUMP_GRACE_S of XLA's buffer assignment; otherwise from the buffer assignment itself, read
     from XLA's dump (buffer_assignment_bytes). Why: on SDXL's FSDP step XLA:CPU assigned its
-    buffers in about 20 minutes and then spent over an hour building the executable's thunk
+    buffers in 3 to 5 minutes and then spent over an hour building the executable's thunk
     graph (ExecutionGraph's transitive reduction, seen in gdb), which the figures do not need.
     """
     folder = tempfile.mkdtemp(prefix="bench_memory_dump_")

@@ -374,3 +374,20 @@ def test_split_over_mesh_places_a_value_by_the_mesh_it_is_traced_under():
     np.testing.assert_array_equal(np.asarray(outside), np.asarray(inside))
     eager = jnp.ones(3)
     assert split_over_mesh(eager) is eager  # no mesh: the value itself
+
+
+@pytest.mark.parametrize("impl", ["chunked", "xla"])
+def test_attention_places_the_chunked_loop_over_the_batch_under_a_mesh(impl):
+    """Under the trainer's mesh the chunked loop's q, k, v and output are split over the batch
+    axes (as the cuDNN call's: models.attention.SPLIT_OVER_BATCH); without it XLA gathered SDXL's
+    FSDP batch into the loop (README, "Real sizes"). The XLA path is left to propagation."""
+    from bdpo_jax.models import attention
+
+    mesh = sharding.make_mesh((1, 8))
+    module = attention.Attention(heads=2, dim_head=4, attention=impl)
+    x = jnp.ones((8, 16, 8))
+    params = module.init(jax.random.key(0), x)
+    traced = jax.make_jaxpr(sharding.traced_under_mesh(lambda p, x: module.apply(p, x), mesh))
+    jaxpr = str(traced(params, x))
+    expected = 4 if impl == "chunked" else 0
+    assert jaxpr.count("sharding_constraint") == expected
