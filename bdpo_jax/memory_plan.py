@@ -230,9 +230,7 @@ def memory_plan(
     recompute = 0
     if remat and activations:
         recompute = _remat_recompute_bytes(model, *residual_args)
-    if (
-        remat and activations
-    ):  # the upper bound: every intermediate saved (no gradient checkpointing)
+        # the upper bound: every intermediate saved (no gradient checkpointing)
         plain = UNet2DConditionModel.from_config(unet_cfg, param_dtype=jnp.float32, dtype=dtype)
         act_no_remat = _residual_bytes(plain, *residual_args)
     n_params = int(sum(np.prod(a.shape) for a in jax.tree.leaves(abstract_params)))

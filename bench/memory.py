@@ -344,11 +344,12 @@ def buffer_assignment_bytes(text: str) -> dict[str, int]:
     }
 
 
-def _finished_dump(folder: str, sizes: dict[str, int]) -> str | None:
-    """The buffer-assignment dump in `folder` once its size held still between two calls."""
+def _dump_text(folder: str, sizes: dict[str, int] | None = None) -> str | None:
+    """The buffer-assignment dump in `folder`; while XLA may still be writing it (`sizes`: the
+    sizes seen at the previous call), only once its size held still between two calls."""
     for path in glob.glob(os.path.join(folder, "*after_optimizations-buffer-assignment.txt")):
         size = os.path.getsize(path)
-        if sizes.get(path) == size and size > 0:
+        if sizes is None or (sizes.get(path) == size and size > 0):
             with open(path) as f:
                 return f.read()
         sizes[path] = size
@@ -383,16 +384,17 @@ def compile_cpu(lowered, poll_s: float = 5.0) -> tuple[dict, dict]:
     text, assigned_s, sizes = None, None, {}
     while thread.is_alive():
         thread.join(poll_s)
-        if text is None and (text := _finished_dump(folder, sizes)) is not None:
+        if text is None and (text := _dump_text(folder, sizes)) is not None:
             assigned_s = time.perf_counter() - t0
         if assigned_s is not None and time.perf_counter() - t0 - assigned_s > DUMP_GRACE_S:
             break
+    if not thread.is_alive():  # the compile returned: its dump is complete
+        text = text or _dump_text(folder)
+        shutil.rmtree(folder, ignore_errors=True)
     if "error" in result:
         raise result["error"]
-    text = text or _finished_dump(folder, sizes) or _finished_dump(folder, sizes)
     dumped = buffer_assignment_bytes(text) if text else None
     if "compiled" in result:
-        shutil.rmtree(folder, ignore_errors=True)
         xla_bytes = memory_analysis_bytes(result["compiled"])
         if dumped is not None:  # the two readings of one buffer assignment
             xla_bytes["dump_agrees"] = all(
