@@ -6,34 +6,36 @@
     python -m bdpo_jax.memory_plan --model sdxl --lora-rank 64 --mesh 1,1 --batch 8 --accum 8
 
 Rows: params, ref_params, optimizer state (each sharded by bdpo_jax.sharding's rules on the given
-(data, fsdp) mesh shape: no devices needed), gradients (same sharding as params) and an
-activation estimate: the residuals the policy's forward saves for the backward pass, traced with
-the per-device micro-batch of 2 x (batch / devices / accum) images (jax's saved_residuals),
-and, as a separate row, the same without gradient checkpointing (an upper bound). With remat
-(nn.remat per resnet and per transformer layer, diffusers' grain) the backward pass re-runs one
-layer's forward and holds that layer's residuals until its vjp is done: row remat_recompute is
-the largest layer's (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost",
-arXiv:1604.06174, sec. 3: the peak of checkpointing is the stored segment inputs plus one
-segment's intermediates). The total (`plan_total`) is the state, the gradient accumulator, the
-recomputed layer and the larger of activations and gradient, not their sum: the backward frees
-each layer's saved input as it writes that layer's gradient.
+(data, fsdp) mesh shape: no devices needed), the gradient accumulator, the matched forward's
+cast params, and backward_peak: the peak of one micro-batch's forward and backward, from the
+jaxpr of the policy's vjp at the per-device micro-batch of 2 x (batch / devices / accum) images,
+run in program order with elementwise chains fused (bdpo_jax.jaxpr_memory). It holds at once
+the saved activations still needed, the gradients of the skip connections that wait for their
+down block, the re-run layer (nn.remat per resnet and per transformer layer, diffusers' grain)
+and the parameter gradients written so far. The total (`plan_total`) is the sum of TOTAL_ROWS.
+Rows shown beside it, parts of backward_peak and not added again: grads (one micro-batch's
+gradient), activations (what the policy's forward saves for the backward, jax's
+saved_residuals), remat_recompute (the largest checkpointed layer's own residuals: Chen et al.
+2016, "Training Deep Nets with Sublinear Memory Cost", arXiv:1604.06174, sec. 3) and
+activations_without_remat (everything saved without checkpointing, an upper bound).
 
-Checked against XLA's GPU programs (bench/memory.py --target gpu-h100, compiled without a GPU):
-configs/sd15.py on 8 H100s, plan 23.62 GiB per device, XLA 23.32 (matched forward off: 22.01,
-21.53); configs/sdxl.py on 8 H100s (FSDP, matched forward off), plan 28.91, XLA 27.55; one
-device's share of each (off), plan 22.01 / 30.88, XLA 21.69 / 32.07.
+Checked against XLA's programs (bench/memory.py; GiB per device, plan / XLA): configs/sd15.py
+on 8 H100s (compiled without a GPU) 22.22 / 23.32 (matched forward off: 20.62 / 21.53);
+configs/sdxl.py on 8 H100s (FSDP, matched forward off) 23.48 / 27.55 (0.85: the values live at
+XLA's peak, its dump's live-range file, add up to 23.96; the rest is how its buffer assignment
+packs them); one device's share of each (off) 20.62 / 21.69 and 31.00 / 32.07;
+on 8 fake CPU devices (`--backend cpu`, below) SD1.5 29.70 / 30.97 and SDXL 44.45 / 39.94.
 The 8-device figures hold because each checkpointed layer's weight gradients are computed
 before the next layer's backward (models/remat.py): without that XLA deferred them to the
 gradient all-reduces and held 40.88 GiB for SD1.5. `--backend cpu` plans XLA:CPU's program,
-which runs bf16 ops in f32 and keeps f32 values for the backward (each saved element counted at
-4 bytes at least): configs/sd15.py on 8 fake CPU devices, plan 31.09 GiB, XLA:CPU 30.97;
-configs/sdxl.py, plan 52.54, XLA:CPU 39.94 (an upper bound there: XLA:CPU keeps part of what it
-saves in bf16, which only its compile decides).
+which runs bf16 ops in f32 and keeps f32 values for the backward (each element counted at 4
+bytes at least; XLA:CPU keeps part of SDXL's in bf16, which only its compile decides).
 
 LoRA (--lora-rank r, config.lora.rank): the frozen base is held once, in the compute dtype
 (row base_params); params, ref_params, optimizer state and gradients are the adapters' (tiny);
 merged_kernels are the policy's W + scale A B of the adapted layers, which the step computes
-before the forward and keeps until the backward (compute dtype, sharded as the base). Each plan
+before the forward and keeps until the backward (compute dtype, sharded as the base; part of
+backward_peak, whose jaxpr is the LoRA step's: merge, forward, vjp w.r.t. the adapters). Each plan
 says whether its total fits one GPU of 24, 40 and 80 GB (GiB, keeping FIT_HEADROOM free).
 """
 
@@ -50,7 +52,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from bdpo_jax import lora, optim, schema, sharding
+from bdpo_jax import jaxpr_memory, lora, optim, schema, sharding
 from bdpo_jax.models import dtypes, presets
 
 PROG = "python -m bdpo_jax.memory_plan"
@@ -69,18 +71,23 @@ class _MeshShape(NamedTuple):
     shape: dict[str, int]
 
 
+def _one_leaf_bytes(path: Any, leaf: Any, mesh_shape: _MeshShape, rules, min_size: int) -> int:
+    """Bytes of one (params-tree) leaf on each device, sharded by bdpo_jax.sharding's rules."""
+    spec = sharding.spec_for(
+        sharding.path_to_str(path), tuple(leaf.shape), rules, mesh_shape, min_size
+    )
+    n = int(np.prod(leaf.shape, dtype=np.int64))
+    for name in spec:
+        if name is not None:
+            n //= mesh_shape.shape[name]
+    return n * jnp.dtype(leaf.dtype).itemsize
+
+
 def _leaf_bytes_per_device(abstract: Any, mesh_shape: _MeshShape, rules, min_size: int) -> int:
-    total = 0
-    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
-        spec = sharding.spec_for(
-            sharding.path_to_str(path), tuple(leaf.shape), rules, mesh_shape, min_size
-        )
-        n = int(np.prod(leaf.shape, dtype=np.int64))
-        for name in spec:
-            if name is not None:
-                n //= mesh_shape.shape[name]
-        total += n * jnp.dtype(leaf.dtype).itemsize
-    return total
+    return sum(
+        _one_leaf_bytes(path, leaf, mesh_shape, rules, min_size)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]
+    )
 
 
 def _held_bytes(residuals, min_itemsize: int) -> int:
@@ -137,6 +144,36 @@ def _remat_recompute_bytes(model, abstract_params, x, t, text, added, min_itemsi
         args = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars]
         largest = max(largest, _held_bytes(saved_residuals(block, *args), min_itemsize))
     return largest
+
+
+def _backward_peak_bytes(
+    model, params_of, trained, frozen, x, t, text, added, min_itemsize: int, shard: tuple
+) -> int:
+    """Peak bytes of one micro-batch's forward and backward (jaxpr_memory, program order): the
+    saved activations still needed, skip connections' gradients, the re-run layer and the
+    gradients written so far. The forward runs on `params_of(trained, frozen)`; `trained` is
+    differentiated (its gradients counted as sharded on the device: `shard`, the arguments of
+    _one_leaf_bytes after the leaf), `frozen` is not. Inputs (params, batch) are not counted."""
+
+    def forward(trained, frozen, x, t, text, added):
+        params = params_of(trained, frozen)
+        return model.apply({"params": params}, x, t, text, added_cond_kwargs=added)
+
+    out = jax.eval_shape(forward, trained, frozen, x, t, text, added)
+
+    def step(trained, frozen, x, t, text, added, d_out):
+        _, vjp = jax.vjp(lambda p: forward(p, frozen, x, t, text, added), trained)
+        return vjp(d_out)[0]
+
+    closed = jax.make_jaxpr(step)(trained, frozen, x, t, text, added, out)
+    paths = jax.tree_util.tree_flatten_with_path(trained)[0]
+    held = {
+        v: _one_leaf_bytes(path, leaf, *shard)
+        for v, (path, leaf) in zip(closed.jaxpr.outvars, paths, strict=True)
+    }
+    return jaxpr_memory.peak_bytes(
+        closed, lambda v: held[v] if v in held else jaxpr_memory.value_bytes(v, min_itemsize)
+    )
 
 
 @functools.lru_cache(maxsize=8)
@@ -237,6 +274,8 @@ def memory_plan(
     extra: dict[str, Any] = {}
     # the params in the compute dtype: a LoRA run's frozen base, the matched forward's selection
     compute_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype), abstract_params)
+    inputs = (x, t, text, added, min_itemsize)
+    shard = (ms, rules, fsdp_min_size)
     if lora_rank:
         spec = lora.LoraSpec(int(lora_rank), float(lora_rank), tuple(lora_targets))
         base = compute_params
@@ -244,6 +283,20 @@ def memory_plan(
         flat = traverse_util.flatten_dict(base)
         kernels = {"/".join(p): flat[p] for p in lora.target_paths(base, spec)}
         a_bytes = _leaf_bytes_per_device(adapters, ms, rules, fsdp_min_size)
+        k_bytes = _leaf_bytes_per_device(kernels, ms, rules, fsdp_min_size)
+        # the LoRA step's program: the kernels merged in the forward, the adapters differentiated
+        backward = (
+            _backward_peak_bytes(
+                model,
+                lambda a, b: lora.merge(b, a, spec.alpha / spec.rank),
+                adapters,
+                base,
+                *inputs,
+                shard,
+            )
+            if activations
+            else a_bytes + k_bytes
+        )
         rows = {
             "base_params": _leaf_bytes_per_device(base, ms, rules, fsdp_min_size),
             "params": a_bytes,
@@ -253,19 +306,33 @@ def memory_plan(
             ),
             "grads": a_bytes,
             "grad_accumulator": a_bytes if grad_accum > 1 else 0,
-            "merged_kernels": _leaf_bytes_per_device(kernels, ms, rules, fsdp_min_size),
+            "merged_kernels": k_bytes,
+            "backward_peak": backward,
             "activations": act,
             "remat_recompute": recompute,
         }
         extra = {"lora_rank": int(lora_rank), "lora_targets": list(spec.targets)}
         extra["num_adapter_params"] = lora.count(adapters)
     else:
+        backward = (
+            _backward_peak_bytes(
+                model,
+                lambda p, _: p,
+                abstract_params,
+                {},
+                *inputs,
+                shard,
+            )
+            if activations
+            else p_bytes
+        )
         rows = {
             "params": p_bytes,
             "ref_params": p_bytes,
             "opt_state": o_bytes,
             "grads": p_bytes,  # one micro-batch's gradient
             "grad_accumulator": p_bytes if grad_accum > 1 else 0,
+            "backward_peak": backward,
             "activations": act,
             "remat_recompute": recompute,
             # config.dpo.matched_forward: the forward-only program's selected params, cast
@@ -295,15 +362,24 @@ def memory_plan(
     }
 
 
+# the rows a step holds at its peak: state through the whole step, the running gradient sum,
+# the matched forward's cast params, and the backward's own peak, which includes the gradient,
+# the activations still saved, the re-run layer and a LoRA run's merged kernels (those rows are
+# its parts, shown apart, not added again)
+TOTAL_ROWS = (
+    "base_params",
+    "params",
+    "ref_params",
+    "opt_state",
+    "grad_accumulator",
+    "matched_forward",
+    "backward_peak",
+)
+
+
 def plan_total(rows: dict[str, int]) -> int:
-    """Peak bytes per device from the rows: everything held through the step, plus the larger
-    of the saved activations and the gradient, not their sum. The backward frees each layer's
-    saved input as it writes that layer's weight gradient, so the two trade places: at its
-    start all activations and no gradient are live, at its end the whole gradient and no
-    activation (plus, throughout, the recomputed layer and, with accumulation, the running sum).
-    """
-    held = sum(v for k, v in rows.items() if k not in ("grads", "activations"))
-    return held + max(rows["grads"], rows["activations"])
+    """Peak bytes per device: the sum of the TOTAL_ROWS present."""
+    return sum(rows[k] for k in TOTAL_ROWS if k in rows)
 
 
 def format_table(plans: list[dict[str, Any]]) -> str:
@@ -315,11 +391,16 @@ def format_table(plans: list[dict[str, Any]]) -> str:
     ]
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for r in rows:
+        label = r
+        if r == "activations_without_remat":
+            label = f"{r} (not in total)"
+        elif r not in TOTAL_ROWS and r != "total":
+            label = f"{r} (part of backward_peak)"
         cells = [
             f"{p['bytes_per_device'][r] / 2**30:.2f} GiB" if r in p["bytes_per_device"] else "-"
             for p in plans
         ]
-        lines.append(" | ".join([r, *cells]))
+        lines.append(" | ".join([label, *cells]))
     lines.append(
         " | ".join(
             [f"fits one GPU ({int(100 * FIT_HEADROOM)}% kept free)"]

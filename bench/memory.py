@@ -11,8 +11,10 @@ state donated) lowered and compiled for the mesh, global batch, accumulation, op
 and compute dtype of configs/<model>.py, at the model's native latent size (64 SD1.5, 128 SDXL).
 `compiled.memory_analysis()` (per device under SPMD) gives argument, output, alias and temp bytes;
 XLA's peak estimate is argument + output - alias + temp. The plan's rows are set beside it:
-params + ref_params + opt_state against the arguments, the rest (grads, activations,
-remat_recompute) against the temps; plan/XLA is plan total / XLA peak.
+params + ref_params + opt_state against the arguments, the rest (the backward's peak, the
+matched forward's params, the gradient accumulator) against the temps; plan/XLA is plan total /
+XLA peak. `--replan JSON` sets today's plan beside an earlier run's XLA figures without
+compiling (they hold while the step's program is unchanged; meta["replanned"] says when).
 Writes bench/results/memory.json (memory_gpu.json for a GPU target) and prints a table (GiB per
 device; compile seconds; XLA's HloCostAnalysis FLOPs of the step per device).
 
@@ -66,8 +68,8 @@ Attention: "auto" is "chunked" on CPU (models/flash.py, FlashAttention's algorit
 logits kept), the memory class of cuDNN's flash attention on GPU. What stays CPU-specific:
 XLA:CPU runs bf16 matmuls, convolutions and elementwise ops in f32 (GPU runs them in bf16), so
 most of what the backward keeps is f32: a CPU row's plan is `memory_plan(backend="cpu")`, which
-counts each saved element at 4 bytes at least (SD1.5: XLA:CPU 30.97 GiB, plan 31.09; SDXL:
-39.94 against 52.54, XLA:CPU keeping part of it in bf16). XLA:CPU
+counts each held element at 4 bytes at least (SD1.5: XLA:CPU 30.97 GiB, plan 29.70; SDXL:
+39.94 against 44.45, XLA:CPU keeping part of it in bf16). XLA:CPU
 also drops optimization barriers before it schedules; models/remat.py orders each layer's
 backward by data dependencies there instead (without them: 72.08 GiB, README).
 """
@@ -111,7 +113,9 @@ def with_default_flags(flags: str, defaults: dict[str, str] = DEFAULT_XLA_FLAGS)
 def set_environment(target: str) -> None:
     """Before jax starts a backend: CPU devices only (a GPU target compiles for devices that the
     CUDA plugin describes, and JAX_PLATFORMS=cpu keeps it from looking for a driver); the CPU
-    target's flags."""
+    target's flags. No persistent compilation cache: a cached executable would skip the compile
+    whose dump and time this measures."""
+    os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
     if target == "cpu":
         os.environ["XLA_FLAGS"] = with_default_flags(os.environ.get("XLA_FLAGS", ""))
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -267,9 +271,14 @@ def _compiled_memory(
     if gpu is None:
         xla_bytes, timing = compile_cpu(lowered)
     else:
+        folder = tempfile.mkdtemp(prefix="bench_memory_dump_")
         t0 = time.perf_counter()
-        compiled = lowered.compile(compiler_options=options or None)
-        xla_bytes = memory_analysis_bytes(compiled)
+        try:
+            compiled = lowered.compile(compiler_options={**options, **_dump_options(folder)})
+            xla_bytes = memory_analysis_bytes(compiled)
+            xla_bytes["live_at_peak"] = live_at_peak_bytes(folder)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
         timing = {"compile_seconds": time.perf_counter() - t0}
     impl = attention.attention_implementation(
         config.model.attention,
@@ -344,6 +353,23 @@ def buffer_assignment_bytes(text: str) -> dict[str, int]:
     }
 
 
+def live_at_peak_bytes(folder: str) -> int | None:
+    """The bytes of the values live at the peak of XLA's schedule, from its dump's live-range
+    file ("Stack trace breakdown for peak usage: N bytes"; arguments included), or None. The
+    memory analysis's peak is this plus what the buffer assignment loses packing values of
+    different lifetimes into one heap."""
+    for path in glob.glob(os.path.join(folder, "*after_optimizations-live-range.txt")):
+        with open(path) as f:
+            found = re.search(r"breakdown for peak usage: ([\d ]+) bytes", f.read())
+        if found:
+            return int(found.group(1).replace(" ", ""))
+    return None
+
+
+def _dump_options(folder: str) -> dict[str, object]:
+    return {"xla_dump_to": folder, "xla_dump_hlo_as_text": True}
+
+
 def _dump_text(folder: str, sizes: dict[str, int] | None = None) -> str | None:
     """The buffer-assignment dump in `folder`; while XLA may still be writing it (`sizes`: the
     sizes seen at the previous call), only once its size held still between two calls."""
@@ -369,7 +395,7 @@ def compile_cpu(lowered, poll_s: float = 5.0) -> tuple[dict, dict]:
     graph (ExecutionGraph's transitive reduction, seen in gdb), which the figures do not need.
     """
     folder = tempfile.mkdtemp(prefix="bench_memory_dump_")
-    dump_options = {"xla_dump_to": folder, "xla_dump_hlo_as_text": True}
+    dump_options = _dump_options(folder)
     result: dict = {}
 
     def run() -> None:
@@ -388,8 +414,10 @@ def compile_cpu(lowered, poll_s: float = 5.0) -> tuple[dict, dict]:
             assigned_s = time.perf_counter() - t0
         if assigned_s is not None and time.perf_counter() - t0 - assigned_s > DUMP_GRACE_S:
             break
+    live = None
     if not thread.is_alive():  # the compile returned: its dump is complete
         text = text or _dump_text(folder)
+        live = live_at_peak_bytes(folder)
         shutil.rmtree(folder, ignore_errors=True)
     if "error" in result:
         raise result["error"]
@@ -400,8 +428,10 @@ def compile_cpu(lowered, poll_s: float = 5.0) -> tuple[dict, dict]:
             xla_bytes["dump_agrees"] = all(
                 dumped[k] == xla_bytes[k] for k in ("argument", "temp", "peak")
             )
+        xla_bytes["live_at_peak"] = live
         return xla_bytes, {"compile_seconds": time.perf_counter() - t0, "memory_source": "xla"}
     ABANDONED_COMPILES.append((thread, folder))
+    dumped["live_at_peak"] = live_at_peak_bytes(folder)  # written with the buffer assignment
     print(
         f"XLA:CPU assigned the step's buffers after {assigned_s:.0f} s and was still building "
         f"the executable {DUMP_GRACE_S} s later: figures from its buffer-assignment dump",
@@ -445,12 +475,30 @@ def with_plan(row: dict, plan: dict) -> dict:
     }
 
 
+def replan(path: str) -> None:
+    """Rewrite `path`'s plan columns with today's plan for each row's settings; its XLA figures
+    stay (they hold while the step's program is unchanged); meta records when and from what."""
+    try:
+        with open(path) as f:
+            result = json.load(f)
+        rows = result["rows"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"--replan {path}: not a bench/memory.py JSON ({error})") from None
+    rows = [
+        with_plan(row, plan_for(row)) if not row["model"].startswith("tiny") else row
+        for row in rows
+    ]
+    meta = {**result.get("meta", {}), "replanned": common.environment()}
+    common.write_json(path, {"meta": meta, "rows": rows})
+    print(format_table(rows))
+
+
 def format_table(rows: list[dict]) -> str:
     lines = [
         "| model (mesh, batch/accum) | XLA args | plan params+ref+opt | XLA temp | "
-        "plan temp | XLA peak | plan total | plan/XLA | compile s | "
+        "plan temp | XLA peak | XLA live at peak | plan total | plan/XLA | compile s | "
         "TFLOP/device |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         x, p = r["xla_bytes_per_device"], r.get("plan_bytes_per_device")
@@ -463,10 +511,12 @@ def format_table(rows: list[dict]) -> str:
             ratio = f"{r['plan_over_xla_peak']:.2f}"
         where = "" if r.get("target", "cpu") == "cpu" else f" {r['target'].removeprefix('gpu-')}"
         flops = r.get("xla_flops_per_device")
+        live = x.get("live_at_peak")
         lines.append(
             f"| {r['model']}{where} ({r['mesh']}, {r['global_batch']}/{r['grad_accum']}) | "
             f"{x['argument'] / GIB:.2f} | {plan_state} | {x['temp'] / GIB:.2f} | {plan_temp} | "
-            f"{x['peak'] / GIB:.2f} | {plan_total} | {ratio} | {r['compile_seconds']:,.0f} | "
+            f"{x['peak'] / GIB:.2f} | {'-' if live is None else f'{live / GIB:.2f}'} | "
+            f"{plan_total} | {ratio} | {r['compile_seconds']:,.0f} | "
             f"{'-' if flops is None else f'{flops / 1e12:.1f}'} |"
         )
     return "\n".join(lines)
@@ -502,7 +552,19 @@ def main() -> None:
     parser.add_argument(
         "--out", default="", help="JSON (default bench/results/memory.json, memory_gpu.json)"
     )
+    parser.add_argument(
+        "--replan",
+        default="",
+        metavar="JSON",
+        help="set today's memory_plan beside the XLA figures of an earlier run's JSON (no compile)",
+    )
     args = parser.parse_args()
+    if args.replan:
+        try:
+            replan(args.replan)
+        except ValueError as error:
+            parser.error(str(error))
+        return
     if not 1 <= args.devices <= DEVICES:
         parser.error(f"--devices {args.devices}: expected 1 to {DEVICES}")
     if args.batch < 0 or args.accum < 0:

@@ -23,6 +23,8 @@ def test_tiny_run_writes_xla_breakdown(tmp_path):
     assert x["peak"] == x["argument"] + x["output"] - x["alias"] + x["temp"]
     # the buffer-assignment dump, read as for SDXL, gives memory_analysis()'s figures
     assert row["memory_source"] == "xla" and x["dump_agrees"] is True
+    # the values live at the peak of XLA's schedule: at most what its buffer assignment holds
+    assert 0 < x["live_at_peak"] <= x["peak"]
     assert "| tiny (" in proc.stdout
 
 
@@ -56,6 +58,8 @@ def test_buffer_assignment_dump_is_read_when_the_executable_takes_too_long(monke
                 os.path.join(folder, "m.cpu_after_optimizations-buffer-assignment.txt"), "w"
             ) as f:
                 f.write(_DUMP)
+            with open(os.path.join(folder, "m.cpu_after_optimizations-live-range.txt"), "w") as f:
+                f.write(_LIVE_RANGE)
             release.wait(60)  # the executable's graph, taking its time
 
     monkeypatch.setattr(memory, "DUMP_GRACE_S", 0.3)
@@ -64,11 +68,25 @@ def test_buffer_assignment_dump_is_read_when_the_executable_takes_too_long(monke
         xla_bytes, timing = memory.compile_cpu(StalledLowered(), poll_s=0.05)
     finally:
         release.set()
-    assert xla_bytes == {"argument": 1040, "unaliased_output": 24, "temp": 5000, "peak": 6064}
+    assert xla_bytes == {
+        "argument": 1040,
+        "unaliased_output": 24,
+        "temp": 5000,
+        "peak": 6064,
+        "live_at_peak": 5123,  # XLA prints it with spaces between the thousands
+    }
     assert timing["memory_source"].startswith("buffer-assignment dump")
     ((thread, folder),) = memory.ABANDONED_COMPILES
     thread.join(10)
     shutil.rmtree(folder)
+
+
+_LIVE_RANGE = """HloLiveRange (max 12):
+  Live ranges at 7 (peak):
+    fusion.1{}: 5000 bytes (cumulative: 5000 bytes)
+    p0{}: 123 bytes (cumulative: 5123 bytes)
+  Stack trace breakdown for peak usage: 5 123 bytes
+"""
 
 
 def test_bad_flags_are_one_line_errors():
@@ -85,6 +103,44 @@ def test_bad_flags_are_one_line_errors():
         )
         assert proc.returncode == 2 and culprit in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+def test_replan_sets_todays_plan_beside_the_recorded_xla_figures(tmp_path, capsys):
+    """--replan: the plan columns of a recorded row are recomputed, its XLA figures kept."""
+    from bdpo_jax import memory_plan
+    from bench import memory
+
+    settings = dict(
+        model="sd15",
+        target="gpu-h100",
+        mesh=[1, 1],
+        global_batch=2,
+        grad_accum=1,
+        latent_size=16,
+        optimizer="adamw",
+        compute_dtype="bfloat16",
+        remat=True,
+        matched_forward=False,
+    )
+    xla = {"argument": 1, "output": 0, "alias": 0, "temp": 2, "peak": 2**34}
+    path = tmp_path / "memory_gpu.json"
+    stale = {"total": 1, "params": 1, "ref_params": 0, "opt_state": 0}
+    row = {**settings, "xla_bytes_per_device": xla, "plan_bytes_per_device": stale}
+    row["compile_seconds"] = 1.0
+    path.write_text(json.dumps({"meta": {"argv": ["then"]}, "rows": [row]}))
+    memory.replan(str(path))
+    result = json.loads(path.read_text())
+    (new,) = result["rows"]
+    same = dict(mesh_shape=(1, 1), global_batch=2, grad_accum=1, latent_size=16)
+    plan = memory_plan.memory_plan("sd15", matched_forward=False, **same)["bytes_per_device"]
+    assert new["plan_bytes_per_device"] == plan
+    assert new["xla_bytes_per_device"] == xla
+    assert new["plan_over_xla_peak"] == plan["total"] / 2**34
+    assert result["meta"]["argv"] == ["then"] and "replanned" in result["meta"]
+    assert "| sd15 h100 ([1, 1], 2/1) |" in capsys.readouterr().out
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="--replan .*bad.json: not a bench/memory.py JSON"):
+        memory.replan(str(tmp_path / "bad.json"))
 
 
 def test_default_flags_keep_what_the_caller_set(monkeypatch):
@@ -179,6 +235,8 @@ def test_tiny_compiles_for_h100_without_a_gpu(tmp_path):
         and "triton_gemm=false" in row["xla_flags"]
         and row["xla_bytes_per_device"]["temp"] > 0
     )
+    x = row["xla_bytes_per_device"]
+    assert 0 < x["live_at_peak"] <= x["peak"]  # from XLA:GPU's dump, as on CPU
     assert row["xla_flops_per_device"] * 8 == row["xla_flops_per_step"] > 0
 
 
