@@ -10,8 +10,10 @@ their shardings, the trainer's own step (`train.make_train_step` + `train.jit_tr
 state donated) lowered and compiled for the mesh, global batch, accumulation, optimizer, remat
 and compute dtype of configs/<model>.py, at the model's native latent size (64 SD1.5, 128 SDXL).
 `compiled.memory_analysis()` (per device under SPMD) gives argument, output, alias and temp bytes;
-XLA's peak estimate is argument + output - alias + temp. The plan's rows are set beside it:
-params + ref_params + opt_state against the arguments, the rest (the backward's peak, the
+XLA's peak estimate is argument + output - alias + temp. From XLA's dump of the compile it also
+reads live_at_peak, the bytes live at the peak of XLA's schedule (arguments included): the peak
+without what the buffer assignment loses packing values into one heap. The plan's rows are set
+beside it: params + ref_params + opt_state against the arguments, the rest (the backward's peak, the
 matched forward's params, the gradient accumulator) against the temps; plan/XLA is plan total /
 XLA peak. `--replan JSON` sets today's plan beside an earlier run's XLA figures without
 compiling (they hold while the step's program is unchanged; meta["replanned"] says when).
@@ -33,8 +35,9 @@ no cost analysis). XLA flags set for a GPU target unless XLA_FLAGS already names
     finishing. It is not neutral on GPU: SD1.5 without it held 34.14 instead of 27.46 GiB of
     temporaries (measured before models/remat.py's layer barriers), so SDXL's figure may be high
     by a like share. With the barriers configs/sdxl.py's own step (128 pairs, no accumulation)
-    compiles in about 31 minutes here (15.6 GB of host memory) and needs 27.55 GiB per H100;
-    before them XLA:GPU's rematerialisation ran on a schedule of 144 GiB (at --accum 4).
+    compiles in 14 minutes here (31 beside another compile; 15-16 GB of host memory) and needs
+    27.55 GiB per H100; before them XLA:GPU's rematerialisation ran on a schedule of 144 GiB
+    (at --accum 4).
 SDXL's FSDP mesh (1, 8) with cuDNN attention: jax 0.10's custom_partitioning of the cuDNN call
 was handed the projection kernels' heads split, which it cannot map onto the mesh
 (IndivisibleError: "shape=[1, 1, 2, 1, 4] is incompatible with mesh_shape ... ('fsdp', 8)"), on a
