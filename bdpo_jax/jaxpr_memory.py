@@ -38,15 +38,19 @@ _REDUCTIONS = frozenset({"reduce_sum", "reduce_max", "reduce_min", "argmax"})
 _CALLS = frozenset({"jit", "pjit", "closed_call"})
 
 
-def value_bytes(var: jex_core.Var, min_itemsize: int = 1) -> int:
-    """Bytes of one array value, each element counted at no fewer than `min_itemsize` bytes;
-    0 for tokens and other non-array values."""
-    aval = var.aval
+def array_bytes(aval, min_itemsize: int = 1) -> int:
+    """Bytes of an array (anything with a shape and a dtype), each element counted at no fewer
+    than `min_itemsize` bytes; 0 for tokens and other values without them."""
     dtype = getattr(aval, "dtype", None)
     shape = getattr(aval, "shape", None)
     if dtype is None or shape is None:
         return 0
     return int(np.prod(shape, dtype=np.int64)) * max(np.dtype(dtype).itemsize, min_itemsize)
+
+
+def value_bytes(var: jex_core.Var, min_itemsize: int = 1) -> int:
+    """Bytes of one jaxpr value (`array_bytes` of its aval)."""
+    return array_bytes(var.aval, min_itemsize)
 
 
 def _inner_jaxprs(eqn: jex_core.JaxprEqn) -> list[jex_core.Jaxpr]:

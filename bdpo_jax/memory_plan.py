@@ -93,12 +93,10 @@ def _leaf_bytes_per_device(abstract: Any, mesh_shape: _MeshShape, rules, min_siz
 def _held_bytes(residuals, min_itemsize: int) -> int:
     """Bytes of jax's saved residuals, intermediates only (not params or inputs), each element
     counted at no fewer than `min_itemsize` bytes (BACKEND_MIN_ITEMSIZE)."""
-    return int(
-        sum(
-            np.prod(a.shape, dtype=np.int64) * max(a.dtype.itemsize, min_itemsize)
-            for a, src in residuals
-            if not src.startswith("from the argument")
-        )
+    return sum(
+        jaxpr_memory.array_bytes(a, min_itemsize)
+        for a, src in residuals
+        if not src.startswith("from the argument")
     )
 
 

@@ -417,10 +417,11 @@ def compile_cpu(lowered, poll_s: float = 5.0) -> tuple[dict, dict]:
             assigned_s = time.perf_counter() - t0
         if assigned_s is not None and time.perf_counter() - t0 - assigned_s > DUMP_GRACE_S:
             break
-    live = None
-    if not thread.is_alive():  # the compile returned: its dump is complete
+    finished = not thread.is_alive()
+    if finished:  # the compile returned: its dump is complete
         text = text or _dump_text(folder)
-        live = live_at_peak_bytes(folder)
+    live = live_at_peak_bytes(folder)  # written with the buffer assignment
+    if finished:
         shutil.rmtree(folder, ignore_errors=True)
     if "error" in result:
         raise result["error"]
@@ -434,7 +435,7 @@ def compile_cpu(lowered, poll_s: float = 5.0) -> tuple[dict, dict]:
         xla_bytes["live_at_peak"] = live
         return xla_bytes, {"compile_seconds": time.perf_counter() - t0, "memory_source": "xla"}
     ABANDONED_COMPILES.append((thread, folder))
-    dumped["live_at_peak"] = live_at_peak_bytes(folder)  # written with the buffer assignment
+    dumped["live_at_peak"] = live
     print(
         f"XLA:CPU assigned the step's buffers after {assigned_s:.0f} s and was still building "
         f"the executable {DUMP_GRACE_S} s later: figures from its buffer-assignment dump",
