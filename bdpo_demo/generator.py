@@ -87,12 +87,15 @@ class JaxGenerator:
             self._uncond = np.asarray(self.text_encoder.encode([""])["text_embeds"], np.float32)
         return self._params
 
+    def unet(self) -> tuple[Any, Any]:
+        """(the Flax UNet, its params) of the workdir, as the sampler uses them."""
+        return _model_for(self.unet_cfg), self._load()
+
     def latents(self, prompts: list[str], seeds: list[int]) -> np.ndarray:
         """float32 [N, C, H, W] sampled latents, in padded batches of `batch_size`."""
         if len(prompts) != len(seeds):
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
-        params = self._load()
-        model = _model_for(self.unet_cfg)
+        model, params = self.unet()
         c, size = int(self.unet_cfg["in_channels"]), int(self.unet_cfg["sample_size"])
         out = []
         for start in range(0, len(prompts), self.batch_size):

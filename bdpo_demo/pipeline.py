@@ -170,6 +170,7 @@ def stage_base(config, out: str, unet_config: str) -> str:
             "train.steps": int(d.base_steps),
             "train.global_batch_size": int(d.base_batch),
             "diffusion.snr_gamma": float(d.base_snr_gamma),
+            "diffusion.snr_weighting": str(d.base_snr_weighting),
         },
     )  # fmt: skip
     workdir = os.path.join(out, "runs", "base")

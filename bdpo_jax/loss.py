@@ -130,7 +130,7 @@ def dpo_loss(
 
 def sft_loss(model_mse_w_B: jax.Array, weights_B: jax.Array | None = None) -> jax.Array:
     """Plain supervised fine-tuning on the winners: mean per-image mse, each image's mse times
-    its weight when `weights_B` is given (e.g. schedules.min_snr_weights)."""
+    its weight when `weights_B` is given (e.g. schedules.snr_loss_weights)."""
     mse_B = jnp.asarray(model_mse_w_B, jnp.float32)
     if weights_B is None:
         return jnp.mean(mse_B)

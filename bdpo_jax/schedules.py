@@ -17,6 +17,7 @@ import numpy as np
 
 BETA_SCHEDULES = ("scaled_linear", "linear")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # config.model.prediction_type
+SNR_WEIGHTINGS = ("min_snr", "truncated_snr")  # config.diffusion.snr_weighting
 
 
 class Schedule(NamedTuple):
@@ -134,21 +135,63 @@ def training_target(
     )
 
 
-def min_snr_weights(
-    schedule: Schedule, t_B: jax.Array, snr_gamma: float, prediction_type: str
+def predicted_x0(
+    schedule: Schedule,
+    x_t_BxCxHxW: jax.Array,
+    out_BxCxHxW: jax.Array,
+    t_B: jax.Array,
+    prediction_type: str,
 ) -> jax.Array:
-    """Min-SNR-gamma loss weights [B] (Hang et al. 2023), as diffusers' train_text_to_image.py
-    applies --snr_gamma: min(SNR_t, gamma) with SNR_t = abar_t / (1 - abar_t)
-    (diffusers.training_utils.compute_snr), divided by SNR_t for 'epsilon' and by SNR_t + 1 for
-    'v_prediction'; for 'sample' (x0) the weight is min(SNR_t, gamma) itself. Each is the same
-    weighting of the x0 error: min(SNR_t, gamma) * |x0_hat - x0|^2."""
+    """The clean sample a UNet output implies at x_t (DDPMScheduler.step's
+    pred_original_sample): (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) for 'epsilon',
+    sqrt(abar_t) x_t - sqrt(1 - abar_t) v for 'v_prediction', the output itself for 'sample'."""
+    ndim = x_t_BxCxHxW.ndim
+    a_B1 = _per_sample(schedule.sqrt_alphas_cumprod_T, t_B, ndim)
+    s_B1 = _per_sample(schedule.sqrt_one_minus_alphas_cumprod_T, t_B, ndim)
+    if prediction_type == "epsilon":
+        return (x_t_BxCxHxW - s_B1 * out_BxCxHxW) / a_B1
+    if prediction_type == "v_prediction":
+        return a_B1 * x_t_BxCxHxW - s_B1 * out_BxCxHxW
+    if prediction_type == "sample":
+        return out_BxCxHxW
+    raise ValueError(
+        f"config.model.prediction_type={prediction_type!r}: expected one of {PREDICTION_TYPES}"
+    )
+
+
+def snr_loss_weights(
+    schedule: Schedule,
+    t_B: jax.Array,
+    snr_gamma: float,
+    prediction_type: str,
+    weighting: str = "min_snr",
+) -> jax.Array:
+    """SNR-based loss weights [B] for the mse of `prediction_type`'s own target.
+
+    Each weighting is a weight w_t of the x0 error |x0_hat - x0|^2, SNR_t = abar_t / (1 - abar_t)
+    (diffusers.training_utils.compute_snr):
+      'min_snr'        w_t = min(SNR_t, gamma): Min-SNR-gamma (Hang et al. 2023), as diffusers'
+                       train_text_to_image.py applies --snr_gamma;
+      'truncated_snr'  w_t = clip(SNR_t, 1, gamma): Salimans & Ho 2022's truncated SNR weighting
+                       max(SNR_t, 1) (Progressive Distillation, sec. 4), capped at gamma so that
+                       the few nearly clean timesteps (SNR ~ 1e4) cannot swamp a batch. The
+                       noisy half keeps the plain x0 mse's weight 1; cleaner timesteps weigh up
+                       to gamma.
+    The eps error is SNR_t times the x0 error and the v error SNR_t + 1 times, so the weight of
+    the target's own mse is w_t / SNR_t for 'epsilon', w_t / (SNR_t + 1) for 'v_prediction' and
+    w_t for 'sample' (x0)."""
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(
             f"config.model.prediction_type={prediction_type!r}: expected one of {PREDICTION_TYPES}"
         )
+    if weighting not in SNR_WEIGHTINGS:
+        raise ValueError(
+            f"config.diffusion.snr_weighting={weighting!r}: expected one of {SNR_WEIGHTINGS}"
+        )
     abar_B = jnp.take(schedule.alphas_cumprod_T, jnp.asarray(t_B), axis=0)
     snr_B = abar_B / (1.0 - abar_B)
-    weights_B = jnp.minimum(snr_B, jnp.float32(snr_gamma))
+    low = 0.0 if weighting == "min_snr" else 1.0
+    weights_B = jnp.clip(snr_B, low, jnp.float32(snr_gamma))
     if prediction_type == "epsilon":
         return weights_B / snr_B
     if prediction_type == "v_prediction":

@@ -73,6 +73,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"config.diffusion.snr_gamma={snr_gamma}: must be >= 0, and > 0 only with "
             f"config.label.mode='sft' (got {config.label.mode!r}; the DPO loss is unweighted)"
         )
+    weighting = str(config.diffusion.snr_weighting)
+    if weighting not in schedules.SNR_WEIGHTINGS:
+        raise ConfigError(
+            f"config.diffusion.snr_weighting={weighting!r}: expected one of "
+            f"{schedules.SNR_WEIGHTINGS}"
+        )
+    if weighting == "truncated_snr" and 0 < snr_gamma < 1:
+        raise ConfigError(
+            f"config.diffusion.snr_gamma={snr_gamma}: the truncated SNR weights clip(SNR, 1, "
+            "gamma) need gamma >= 1"
+        )
     for name in ("steps", "global_batch_size", "log_every", "checkpoint_every"):
         if int(config.train[name]) < 1:
             raise ConfigError(f"config.train.{name} must be >= 1, got {config.train[name]}")
@@ -133,6 +144,7 @@ def make_train_step(
         proportion_empty_prompts=float(config.dpo.proportion_empty_prompts),
         matched_forward=bool(config.dpo.matched_forward),
         snr_gamma=float(config.diffusion.snr_gamma),
+        snr_weighting=str(config.diffusion.snr_weighting),
     )
     step_fn = functools.partial(
         train_step.train_step,

@@ -252,11 +252,13 @@ def sft_loss_fn(
     vae_scaling_factor: float,
     proportion_empty_prompts: float,
     snr_gamma: float = 0.0,
+    snr_weighting: str = "min_snr",
 ) -> tuple[jax.Array, Metrics]:
     """Plain SFT on the winners (label = the winner's index), as Diffusion-DPO's --sft loads only
     winners: one UNet call on the B winners with their pair's noise and timestep. The
     reference is not used. snr_gamma > 0: each image's mse weighted by
-    `schedules.min_snr_weights` (Min-SNR-gamma); 0: the plain mean (the authors')."""
+    `schedules.snr_loss_weights` (`snr_weighting`: Min-SNR-gamma or truncated SNR); 0: the plain
+    mean (the authors')."""
     del ref_params
     x0_1, x0_2, eps_B, t_B, text_B, added_B = _noised_pairs(
         mb,
@@ -269,7 +271,7 @@ def sft_loss_fn(
     x0_w = jnp.where((label == 0)[:, None, None, None], x0_1, x0_2)
     mse_w_B = _mse_fn(model, schedule, prediction_type, x0_w, eps_B, t_B, text_B, added_B)(params)
     weights_B = (
-        schedules.min_snr_weights(schedule, t_B, snr_gamma, prediction_type)
+        schedules.snr_loss_weights(schedule, t_B, snr_gamma, prediction_type, snr_weighting)
         if snr_gamma > 0
         else None
     )
@@ -286,9 +288,11 @@ def make_loss_fn(
     proportion_empty_prompts: float,
     matched_forward: bool = False,
     snr_gamma: float = 0.0,
+    snr_weighting: str = "min_snr",
 ) -> LossFn:
     """`dpo_loss_fn` or `sft_loss_fn` (kind 'dpo' | 'sft') with the model and knobs bound
-    (matched_forward: DPO only, see `dpo_mse`; snr_gamma: SFT only, see `sft_loss_fn`)."""
+    (matched_forward: DPO only, see `dpo_mse`; snr_gamma, snr_weighting: SFT only, see
+    `sft_loss_fn`)."""
     fns = {"dpo": dpo_loss_fn, "sft": sft_loss_fn}
     if kind not in fns:
         raise ValueError(f"loss kind {kind!r}: expected one of {sorted(fns)}")
@@ -297,7 +301,7 @@ def make_loss_fn(
     extra = (
         {"matched_forward": bool(matched_forward)}
         if kind == "dpo"
-        else {"snr_gamma": float(snr_gamma)}
+        else {"snr_gamma": float(snr_gamma), "snr_weighting": str(snr_weighting)}
     )
     return functools.partial(
         fns[kind],

@@ -41,9 +41,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.diffusion.beta_start = 0.00085  # first beta
     config.diffusion.beta_end = 0.012  # last beta
     config.diffusion.vae_scaling_factor = 0.18215  # latents = sample * factor; the data's wins
-    # label mode 'sft' only: Min-SNR-gamma loss weights (diffusers' --snr_gamma; 0 = off, plain
-    # mean mse as the authors' --sft); Diffusion-DPO's loss is unweighted
+    # label mode 'sft' only: SNR loss weights capped at gamma (0 = off, plain mean mse as the
+    # authors' --sft); Diffusion-DPO's loss is unweighted. 'min_snr': Min-SNR-gamma (diffusers'
+    # --snr_gamma); 'truncated_snr': clip(SNR, 1, gamma) (bdpo_jax.schedules.snr_loss_weights)
     config.diffusion.snr_gamma = 0.0
+    config.diffusion.snr_weighting = "min_snr"
 
     # --- data -------------------------------------------------------------------------------
     config.data = ml_collections.ConfigDict()

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 
@@ -67,8 +68,32 @@ def test_base_study_reports_base_and_render_means_at_ci_size(demo_main, tmp_path
         want = (row["base_samples"] - row["flawed_renders"]) / abs(row["flawed_renders"])
         assert row["relative_difference"] == pytest.approx(want)
     assert os.path.isfile(os.path.join(out, "base_study.json"))
-    assert "| colour |" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as exit_info:
-        base_study.main(["--out", out, "--samples", "0"])
-    assert exit_info.value.code == 2
-    assert "--samples 0: need at least one image" in capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "| colour |" in printed and "| 124 |" in printed
+    # the x0 probe: the noisy input's mse is the noise's, (1 - abar_t) / abar_t, by hand
+    errors = result["x0_errors"]
+    abar = _linear_alphas_cumprod()
+    for t in base_study.PROBE_TIMESTEPS:
+        want = (1 - abar[t]) / abar[t]
+        assert errors[str(t)]["noisy_input_mse"] == pytest.approx(want, rel=0.03), t
+        assert np.isfinite(errors[str(t)]["x0_estimate_mse"])
+    assert errors["clean_sharpness"] > 0  # crisp renders: one-pixel edges
+    # --base: the same base studied again, nothing trained, the same figures
+    again = base_study.main(["--out", str(tmp_path / "again"), "--ci", "--samples", "1",
+                             "--config.demo.eval_prompts=3", "--base", result["base"]])  # fmt: skip
+    assert again["x0_errors"] == errors
+    assert again["base_vs_renders"] == rows
+    assert not os.path.exists(tmp_path / "again" / "shards")
+    for args, culprit in [
+        (["--samples", "0"], "--samples 0: need at least one image"),
+        (["--base", str(tmp_path / "none")], f"--base {tmp_path / 'none'}: not a trained"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            base_study.main(["--out", out, *args])
+        assert exit_info.value.code == 2
+        assert culprit in capsys.readouterr().err
+
+
+def _linear_alphas_cumprod():
+    """The demo's DDPM schedule (linear betas 1e-4 .. 0.02 over 1000 steps), in float64."""
+    return np.cumprod(1.0 - np.linspace(0.0001, 0.02, 1000))

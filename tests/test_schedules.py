@@ -82,6 +82,25 @@ def test_add_noise_and_velocity_match_diffusers(inputs, beta_schedule, beta_star
     assert np.abs(np.asarray(xt)[-1] - eps[-1]).max() < 0.3
 
 
+@pytest.mark.parametrize("prediction_type", schedules.PREDICTION_TYPES)
+def test_predicted_x0_matches_ddpm_step_pred_original_sample(inputs, prediction_type):
+    x_t, out, t = inputs  # any x_t and UNet output: the map is linear in both
+    ours = schedules.make_schedule(1000, "linear", 0.0001, 0.02)
+    ref = diffusers.DDPMScheduler(
+        beta_schedule="linear", prediction_type=prediction_type, clip_sample=False
+    )
+    got = schedules.predicted_x0(
+        ours, jnp.asarray(x_t), jnp.asarray(out), jnp.asarray(t, jnp.int32), prediction_type
+    )
+    for i, step in enumerate(t.tolist()):
+        want = ref.step(
+            torch.from_numpy(out[i : i + 1]), step, torch.from_numpy(x_t[i : i + 1])
+        ).pred_original_sample.numpy()
+        np.testing.assert_allclose(np.asarray(got[i : i + 1]), want, rtol=1e-5, atol=2e-5)
+    with pytest.raises(ValueError, match="prediction_type='x0'"):
+        schedules.predicted_x0(ours, jnp.asarray(x_t), jnp.asarray(out), jnp.asarray(t), "x0")
+
+
 def test_training_target(inputs):
     x0, eps, t = inputs
     sched = schedules.make_schedule()
@@ -110,12 +129,33 @@ def test_min_snr_weights_match_diffusers_snr_gamma_recipe(prediction_type):
         want = want / snr
     elif prediction_type == "v_prediction":
         want = want / (snr + 1)
-    got = schedules.min_snr_weights(ours, jnp.asarray(t, jnp.int32), 5.0, prediction_type)
+    got = schedules.snr_loss_weights(ours, jnp.asarray(t, jnp.int32), 5.0, prediction_type)
     np.testing.assert_allclose(np.asarray(got), want.numpy(), rtol=2e-6)
     if prediction_type == "epsilon":  # noisy end: SNR < gamma, plain eps mse; clean end: gamma/SNR
         assert float(got[-1]) == pytest.approx(1.0) and float(got[0]) < 0.01
     with pytest.raises(ValueError, match="prediction_type='x0'"):
-        schedules.min_snr_weights(ours, jnp.asarray(t, jnp.int32), 5.0, "x0")
+        schedules.snr_loss_weights(ours, jnp.asarray(t, jnp.int32), 5.0, "x0")
+
+
+@pytest.mark.parametrize("prediction_type", schedules.PREDICTION_TYPES)
+def test_truncated_snr_weights_by_hand(prediction_type):
+    # x0-error weight clip(SNR, 1, gamma) (Salimans & Ho 2022's max(SNR, 1), capped), written
+    # out in float64 from diffusers' alphas_cumprod, then moved to the target's own error
+    ours = schedules.make_schedule(1000, "linear", 0.0001, 0.02)
+    abar = _diffusers("linear", 0.0001, 0.02).alphas_cumprod.double().numpy()
+    t = np.array([0, 10, 100, 124, 250, 500, 999])
+    snr = abar[t] / (1 - abar[t])
+    x0_weight = np.array([min(max(s, 1.0), 20.0) for s in snr])
+    to_own = {"epsilon": snr, "v_prediction": snr + 1, "sample": np.ones_like(snr)}
+    want = x0_weight / to_own[prediction_type]
+    got = schedules.snr_loss_weights(
+        ours, jnp.asarray(t, jnp.int32), 20.0, prediction_type, "truncated_snr"
+    )
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5)
+    # all three regimes occur: capped (t = 0, 10), SNR itself (t = 124, 250), floor 1 (500, 999)
+    assert snr[1] > 20 > snr[3] > snr[4] > 1 > snr[5]
+    with pytest.raises(ValueError, match="snr_weighting='p2'"):
+        schedules.snr_loss_weights(ours, jnp.asarray(t, jnp.int32), 5.0, "sample", "p2")
 
 
 def test_bad_schedule_is_a_clear_error():

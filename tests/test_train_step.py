@@ -216,6 +216,19 @@ def test_sft_min_snr_weights_each_winner_by_its_timestep():
     assert float(metrics["model_mse"]) == pytest.approx(want["sft_loss"], rel=2e-6)
 
 
+def test_sft_truncated_snr_weights_each_winner_by_its_timestep():
+    # truncated SNR capped at 5 for epsilon-prediction, written out: clip(SNR_t, 1, 5) / SNR_t
+    s = _probe_setup(
+        label__mode="sft", diffusion__snr_gamma=5.0, diffusion__snr_weighting="truncated_snr"
+    )
+    _, metrics = s.step(s.state, s.batch, s.consts)
+    want = _manual_loss(s)
+    snr = want["snr"]
+    assert snr.min() < 1.0 and snr.max() > 5.0  # the floor and the cap both occur
+    weighted = np.mean(np.clip(snr, 1.0, 5.0) / snr * want["sft_mse"])
+    assert float(metrics["loss"]) == pytest.approx(weighted, rel=2e-6)
+
+
 def test_snr_gamma_outside_sft_is_a_config_error():
     config = tiny.get_config()
     config.diffusion.snr_gamma = 5.0
@@ -223,6 +236,12 @@ def test_snr_gamma_outside_sft_is_a_config_error():
         train.validate_config(config)
     config.label.mode, config.diffusion.snr_gamma = "sft", -1.0
     with pytest.raises(schema.ConfigError, match="must be >= 0"):
+        train.validate_config(config)
+    config.diffusion.snr_gamma, config.diffusion.snr_weighting = 5.0, "p2"
+    with pytest.raises(schema.ConfigError, match="config.diffusion.snr_weighting='p2'"):
+        train.validate_config(config)
+    config.diffusion.snr_gamma, config.diffusion.snr_weighting = 0.5, "truncated_snr"
+    with pytest.raises(schema.ConfigError, match="need gamma >= 1"):
         train.validate_config(config)
 
 
