@@ -98,6 +98,7 @@ def x0_errors(base: str, timesteps=PROBE_TIMESTEPS, seed: int = 0) -> dict[str, 
 
 
 def x0_table(errors: dict) -> str:
+    """`x0_errors` as a markdown table, one row per timestep."""
     rows = [
         f"| {t} | {e['x0_estimate_mse']:.4f} | {e['noisy_input_mse']:.4f} | "
         f"{e['x0_estimate_sharpness']:.3f} |"
