@@ -45,7 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
     # authors' --sft); Diffusion-DPO's loss is unweighted. 'min_snr': Min-SNR-gamma (diffusers'
     # --snr_gamma); 'truncated_snr': clip(SNR, 1, gamma) (bdpo_jax.schedules.snr_loss_weights)
     config.diffusion.snr_gamma = 0.0
-    config.diffusion.snr_weighting = "min_snr"
+    config.diffusion.snr_weighting = "min_snr"  # 'min_snr' | 'truncated_snr'
 
     # --- data -------------------------------------------------------------------------------
     config.data = ml_collections.ConfigDict()

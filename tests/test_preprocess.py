@@ -340,7 +340,11 @@ def test_two_workers_split_disjointly(world):
     assert sorted(by_id) == sorted(r["pair_id"] for r in split)
     for record in split:
         for key, value in record.items():
-            np.testing.assert_array_equal(value, by_id[record["pair_id"]][key], err_msg=key)
+            want = by_id[record["pair_id"]][key]
+            if key == "scores":  # a torch scorer's batched kernels round the last bit by batch
+                np.testing.assert_allclose(value, want, rtol=2e-5, atol=1e-7, err_msg=key)
+            else:
+                np.testing.assert_array_equal(value, want, err_msg=key)
 
 
 def test_generic_jsonl_with_relative_paths(world, tmp_path, caplog):
