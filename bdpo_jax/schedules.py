@@ -173,10 +173,10 @@ def snr_loss_weights(
       'min_snr'        w_t = min(SNR_t, gamma): Min-SNR-gamma (Hang et al. 2023), as diffusers'
                        train_text_to_image.py applies --snr_gamma;
       'truncated_snr'  w_t = clip(SNR_t, 1, gamma): Salimans & Ho 2022's truncated SNR weighting
-                       max(SNR_t, 1) (Progressive Distillation, sec. 4), capped at gamma so that
-                       the few nearly clean timesteps (SNR ~ 1e4) cannot swamp a batch. The
-                       noisy half keeps the plain x0 mse's weight 1; cleaner timesteps weigh up
-                       to gamma.
+                       max(SNR_t, 1) (Progressive Distillation), capped at gamma so that the
+                       few nearly clean timesteps (SNR up to 1e3-1e4) cannot swamp a batch.
+                       Noisy timesteps (SNR < 1) keep the plain x0 mse's weight 1; cleaner
+                       ones weigh up to gamma.
     The eps error is SNR_t times the x0 error and the v error SNR_t + 1 times, so the weight of
     the target's own mse is w_t / SNR_t for 'epsilon', w_t / (SNR_t + 1) for 'v_prediction' and
     w_t for 'sample' (x0)."""
