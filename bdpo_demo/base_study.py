@@ -31,14 +31,12 @@ PROG = "python -m bdpo_demo.base_study"
 PROBE_TIMESTEPS = (10, 50, 124, 249, 499)  # 124: the demo sampler's last step (8, trailing)
 
 
-def sample_means(config, base: str, samples: int) -> dict[str, float]:
-    """Mean score per measure of `samples` base images per held-out evaluation prompt."""
-    from scorers_torch.encoders import TEXT_ENCODERS
-
+def sample_means(config, generator, samples: int) -> dict[str, float]:
+    """Mean score per measure of `samples` base images (`generator`: the base's
+    `pipeline.make_generator`) per held-out evaluation prompt."""
     prompts = [p for p in pipeline.eval_prompts(config) for _ in range(samples)]
     first = 1000 * (int(config.demo.seed) + 1)  # apart from the evaluation's seed * 1000 + i
     seeds = [first + i for i in range(len(prompts))]
-    generator = pipeline.make_generator(base, config, TEXT_ENCODERS.build("minilm"))
     images = [np.asarray(im, np.float32) / 255.0 for im in generator.generate(prompts, seeds)]
     specs = [world.parse_prompt(p) for p in prompts]
     return {
@@ -47,20 +45,17 @@ def sample_means(config, base: str, samples: int) -> dict[str, float]:
     }
 
 
-def x0_errors(base: str, timesteps=PROBE_TIMESTEPS, seed: int = 0) -> dict[str, dict]:
-    """Per timestep t: the base's x0 estimate (one conditional UNet call, no guidance) of the
-    clean renders of the 72 training prompts noised to t, against the renders: its mse, the
-    mse of the rescaled noisy input x_t / sqrt(abar_t) itself, and the estimates' mean
-    sharpness (the renders': `clean_sharpness`). A denoiser that uses its input has an
-    error below the input's at small t."""
+def x0_errors(generator, timesteps=PROBE_TIMESTEPS, seed: int = 0) -> dict[str, dict]:
+    """Per timestep t, the base's x0 estimate (`generator`: its JaxGenerator; one conditional
+    UNet call, no guidance) of the clean renders of the 72 training prompts noised to t,
+    against the renders: its mse, the mse of the rescaled noisy input x_t / sqrt(abar_t)
+    itself, and the estimates' mean sharpness (the renders': `clean_sharpness`). A denoiser
+    that uses its input has an error below the input's at small t."""
     import jax
     import jax.numpy as jnp
 
-    from bdpo_demo.generator import JaxGenerator
     from bdpo_jax import schedules
-    from scorers_torch.encoders import TEXT_ENCODERS
 
-    generator = JaxGenerator(base, text_encoder=TEXT_ENCODERS.build("minilm"))
     unet, params = generator.unet()
     sched = generator.schedule
     schedule = schedules.make_schedule(
@@ -74,8 +69,7 @@ def x0_errors(base: str, timesteps=PROBE_TIMESTEPS, seed: int = 0) -> dict[str, 
     apply = jax.jit(lambda x, t: unet.apply({"params": params}, x, t, text))
 
     def sharpness(x_NxCxHxW: np.ndarray) -> float:
-        pixels = model.latents_to_images(x_NxCxHxW / generator.scaling).transpose(0, 2, 3, 1)
-        images = np.clip((pixels + 1.0) / 2.0, 0.0, 1.0)
+        images = generator.pixels(x_NxCxHxW)
         scores = [measures.sharpness_score(i, s) for i, s in zip(images, specs, strict=True)]
         return float(np.mean(scores))
 
@@ -118,6 +112,7 @@ def study(config, out: str, samples: int, base: str = "") -> dict:
     """Stages 1-2 into OUT (or `base`, an existing trained base), then the base's means vs the
     flawed renders' and its x0 estimates; OUT/base_study.json."""
     from bdpo_demo import plugins  # noqa: F401  (registers scorers, 'minilm', the latent encoder)
+    from scorers_torch.encoders import TEXT_ENCODERS
 
     os.makedirs(out, exist_ok=True)
     t0 = time.perf_counter()
@@ -132,14 +127,15 @@ def study(config, out: str, samples: int, base: str = "") -> dict:
     means = report.render_means(
         prompts, float(config.demo.flaw_rate), samples, int(config.demo.seed)
     )
-    means["base_samples"] = sample_means(config, base, samples)
+    generator = pipeline.make_generator(base, config, TEXT_ENCODERS.build("minilm"))
+    means["base_samples"] = sample_means(config, generator, samples)
     result = {
         "base": base,
         "samples_per_prompt": samples,
         "held_out_prompts": len(prompts),
         "stages_1_2_seconds": round(train_s, 1),
         "base_vs_renders": report.base_vs_renders(means),
-        "x0_errors": x0_errors(base),
+        "x0_errors": x0_errors(generator),
     }
     with open(os.path.join(out, "base_study.json"), "w") as f:
         json.dump(result, f, indent=1)

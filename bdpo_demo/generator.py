@@ -119,10 +119,13 @@ class JaxGenerator:
             out.append(np.asarray(x)[: len(chunk_p)])
         return np.concatenate(out)
 
+    def pixels(self, latents_NxCxHxW: np.ndarray) -> np.ndarray:
+        """The demo UNet's latents -> RGB float [N, H, W, 3] in [0, 1] (clipped)."""
+        x_NxCxHxW = demo_model.latents_to_images(np.asarray(latents_NxCxHxW))
+        return np.clip((x_NxCxHxW / self.scaling + 1.0) / 2.0, 0.0, 1.0).transpose(0, 2, 3, 1)
+
     def generate(self, prompts: list[str], seeds: list[int]) -> list[PIL.Image.Image]:
-        x_NxCxHxW = demo_model.latents_to_images(self.latents(prompts, seeds))
-        pixels = np.clip((x_NxCxHxW / self.scaling + 1.0) / 2.0, 0.0, 1.0)
-        uint8 = np.round(pixels.transpose(0, 2, 3, 1) * 255).astype(np.uint8)
+        uint8 = np.round(self.pixels(self.latents(prompts, seeds)) * 255).astype(np.uint8)
         return [PIL.Image.fromarray(image) for image in uint8]
 
     def close(self) -> None:
