@@ -8,6 +8,10 @@ So on CPU the package keeps YNNPACK for reductions and dots and gives convolutio
 (README, Benchmarks: the demo UNet's forward+backward ~14% faster). GPU and TPU get no options.
 
 A user's own `--xla_cpu_experimental_ynn_fusion_type` in XLA_FLAGS wins: then nothing is set.
+
+Importing this module also runs single-device CPU computations on the calling thread
+(`host_memory.run_on_calling_thread`, before JAX's CPU client exists), so that the calling
+thread's heap can keep XLA:CPU's buffers between calls (`host_memory.keep_freed_memory`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from bdpo_jax import host_memory
+
+# before JAX's CPU client exists: computations on the calling thread, whose heap can keep
+# XLA:CPU's buffers (host_memory.keep_freed_memory, called where the model's size is known)
+host_memory.run_on_calling_thread()
 
 YNN_FUSION_FLAG = "xla_cpu_experimental_ynn_fusion_type"
 # jax 0.10's default is REDUCE, INDIVIDUAL_DOT, INDIVIDUAL_CONVOLUTION: this drops the last

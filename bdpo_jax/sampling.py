@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bdpo_jax import compile_options
+from bdpo_jax import compile_options, host_memory
 from bdpo_jax.schedules import PREDICTION_TYPES
 
 SCHEDULERS = ("ddim", "dpmpp", "euler")
@@ -457,6 +457,7 @@ def sample(
             k: _broadcast_batch(f"uncond_added_cond_kwargs[{k!r}]", uncond_added[k], batch)
             for k in added_cond_kwargs
         }
+    host_memory.keep_freed_memory(host_memory.fp32_bytes(params))
     loop = _jitted_loop(model)
     return loop(
         params,

@@ -35,6 +35,7 @@ from bdpo_jax import (
     compile_options,
     data,
     grids,
+    host_memory,
     labels,
     lora,
     metrics_writer,
@@ -343,6 +344,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if inits.base is not None:  # trained: the adapters; frozen: the base
         counts = {"total": counts["total"], "frozen": lora.count(inits.base.abstract)}
     _log_summary(writer, start, {f"params/{k}": v for k, v in counts.items()}, "parameters")
+    host_memory.keep_freed_memory(4 * (counts["total"] + counts.get("frozen", 0)))
     log_every, ckpt_every = int(config.train.log_every), int(config.train.checkpoint_every)
     ref_every, sample_every = int(config.dpo.ref_update_every), int(config.train.sample_every)
 

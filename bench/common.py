@@ -7,8 +7,9 @@ Fairness rules every bench follows (bench/unet.py, bench/train_step.py):
   * each contender reports the median and the interquartile range of its wall times, and the
     median process CPU time (both frameworks' threads spin while waiting, so CPU time above
     threads x wall means contention, not work);
-  * the load average before and after, thread counts, library versions, the CPU model and the
-    XLA_FLAGS in effect go into the JSON next to the numbers.
+  * the load average before and after, thread counts, library versions, the CPU model, the
+    XLA_FLAGS in effect and whether the package's malloc settings (bdpo_jax.host_memory) are on
+    go into the JSON next to the numbers, and each contender's minor page faults per call.
 
 PyTorch is set up as a PyTorch user would for speed on CPU (``setup_torch``): flush denormals,
 one intra-op thread per core. Its OpenMP threads collapse when the cores are shared: the small
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -63,7 +65,7 @@ def environment() -> dict:
     """What a reader needs to judge a timing: machine, load, threads, versions, XLA flags."""
     import jax
 
-    from bdpo_jax import compile_options
+    from bdpo_jax import compile_options, host_memory
 
     versions = {}
     for lib in LIBRARIES:
@@ -81,6 +83,11 @@ def environment() -> dict:
         "jax_device": jax.devices()[0].device_kind,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "jax_compiler_options": compile_options.compiler_options(),  # what the package's jit sets
+        # JAX runs CPU computations on the calling thread (set on importing compile_options)
+        # and glibc malloc keeps freed memory (no mmap, no trim; set for the bench's models as
+        # the trainer sets it for its own), for both frameworks in this process
+        "host_memory_keep_freed": host_memory.kept(),
+        "jax_cpu_async_dispatch": jax.config.values["jax_cpu_enable_async_dispatch"],
         # XLA:CPU sizes its intra-op pool to the cores; these variables cap other pools
         "thread_env": {
             k: os.environ[k]
@@ -105,7 +112,8 @@ def time_alternating(
     """Times each blocking callable ``repeats`` times, interleaved; seconds.
 
     Returns, per name: median_s, q1_s, q3_s, iqr_s, min_s, cpu_median_s (process CPU time during
-    the call) and the raw wall times.
+    the call), minor_faults_median (the process's minor page faults during the call: memory
+    the allocator handed back to the system and touched again) and the raw wall times.
     """
     names = list(contenders)
     for _ in range(warmup):
@@ -113,12 +121,15 @@ def time_alternating(
             contenders[name]()
     wall = {n: [] for n in names}
     cpu = {n: [] for n in names}
+    faults = {n: [] for n in names}
     for r in range(repeats):
         for name in names if r % 2 == 0 else names[::-1]:
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             c0, t0 = time.process_time(), time.perf_counter()
             contenders[name]()
             wall[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
+            faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     out = {}
     for n in names:
         q1, q2, q3 = _quantiles(wall[n])
@@ -129,6 +140,7 @@ def time_alternating(
             "iqr_s": q3 - q1,
             "min_s": min(wall[n]),
             "cpu_median_s": statistics.median(cpu[n]),
+            "minor_faults_median": statistics.median(faults[n]),
             "wall_s": wall[n],
         }
     return out

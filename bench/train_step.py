@@ -93,7 +93,7 @@ def make_jax(name: str, weights_dir: str) -> tuple:
     import jax
     import numpy as np
 
-    from bdpo_jax import sharding, train, train_state
+    from bdpo_jax import host_memory, sharding, train, train_state
     from bdpo_jax.models import UNet2DConditionModel, save_unet
 
     config = _config(name)
@@ -128,6 +128,7 @@ def make_jax(name: str, weights_dir: str) -> tuple:
         holder["losses"].append(float(metrics["loss"]))  # blocks
 
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    host_memory.keep_freed_memory(4 * n_params)  # as the trainer does
     return step, {
         "compile_s": compile_s,
         "xla_step_bytes": xla_bytes,
@@ -258,6 +259,15 @@ def main() -> None:
     print(
         f"{meta['cpu_model']}, {meta['cores']} cores, torch threads {meta['torch_threads']}, "
         f"XLA_FLAGS={meta['xla_flags']!r}, peak RSS {meta['peak_rss_mb_process']:.0f} MB"
+    )
+    faults = "; ".join(
+        f"{r['config']} JAX {r['jax']['minor_faults_median']:.0f}, PyTorch "
+        f"{r['torch']['minor_faults_median']:.0f}"
+        for r in results
+    )
+    print(
+        f"minor page faults per step (median): {faults}; malloc keeps freed memory: "
+        f"{meta['host_memory_keep_freed']}"
     )
     print(common.load_note(load_before, load_after, meta["cores"]) + f"; written to {args.out}")
 

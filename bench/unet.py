@@ -36,7 +36,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
 
-from bdpo_jax import compile_options  # noqa: E402
+from bdpo_jax import compile_options, host_memory  # noqa: E402
 from bdpo_jax.models import load_unet, tiny_unet_config  # noqa: E402
 from bdpo_jax.models.attention import attention_implementation  # noqa: E402
 from bench import common  # noqa: E402
@@ -70,6 +70,7 @@ def run(name: str, attention: str, batch: int, repeats: int, warmup: int) -> dic
         torch_model.save_pretrained(tmp)
         model, params = load_unet(tmp, attention=attention)
     params = jax.device_put(params)  # load_unet returns host arrays
+    host_memory.keep_freed_memory(host_memory.fp32_bytes(params))  # as the trainer does
     x = unet_inputs(cfg, batch=batch, seq=seq, seed=1)
     args = tuple(jax.device_put(np.asarray(x[k])) for k in ("sample", "timesteps", "context"))
     t_args = tuple(torch.from_numpy(np.asarray(x[k])) for k in ("sample", "timesteps", "context"))
@@ -202,6 +203,15 @@ def main() -> None:
     print(
         f"{meta['cpu_model']}, {meta['cores']} cores, torch threads {meta['torch_threads']}, "
         f"XLA_FLAGS={meta['xla_flags']!r}"
+    )
+    faults = "; ".join(
+        f"{r['config']} fwd+bwd JAX {r['fwd_bwd']['jax']['minor_faults_median']:.0f}, PyTorch "
+        f"{r['fwd_bwd'][r['fwd_bwd_torch_best']]['minor_faults_median']:.0f}"
+        for r in results
+    )
+    print(
+        f"minor page faults per call (median): {faults}; malloc keeps freed memory: "
+        f"{meta['host_memory_keep_freed']}"
     )
     print(common.load_note(load_before, load_after, meta["cores"]) + f"; written to {a.out}")
 
