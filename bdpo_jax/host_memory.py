@@ -16,8 +16,8 @@ Two changes, both needed (each alone left the faults as they were):
     cannot hold a buffer over 64 MB and would mmap it anyway. (One arena for all threads,
     `M_ARENA_MAX=1`, also stopped the faults but made both JAX's forward and PyTorch 8-15%
     slower through lock contention.)
-bench/unet.py, demo UNet forward+backward: a median of 0 faults per call and 102 ms, against
-41,926 faults and 174 ms with the settings off (README, Benchmarks). (A buffer freed late,
+bench/unet.py, demo UNet forward+backward: a median of 0 faults per call and 120 ms, against
+41,887 faults and 144 ms with the settings off (README, Benchmarks). (A buffer freed late,
 after the next call began, can still make one call in ten grow the heap once more;
 tests/test_host_memory.py.)
 
