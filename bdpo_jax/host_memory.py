@@ -40,6 +40,7 @@ pipeline prefetches in its own threads).
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.metadata
 import math
 import os
@@ -78,7 +79,8 @@ def wanted(
     return not set(installed) & set(ACCELERATOR_PLUGINS)
 
 
-def _installed_plugins() -> list[str]:
+@functools.cache
+def _installed_plugins() -> tuple[str, ...]:
     found = []
     for name in ACCELERATOR_PLUGINS:
         try:
@@ -86,7 +88,7 @@ def _installed_plugins() -> list[str]:
         except importlib.metadata.PackageNotFoundError:
             continue
         found.append(name)
-    return found
+    return tuple(found)
 
 
 def small_enough(param_bytes: int, ram_bytes: int) -> bool:
