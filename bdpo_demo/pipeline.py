@@ -171,6 +171,8 @@ def stage_base(config, out: str, unet_config: str) -> str:
             "train.global_batch_size": int(d.base_batch),
             "diffusion.snr_gamma": float(d.base_snr_gamma),
             "diffusion.snr_weighting": str(d.base_snr_weighting),
+            "diffusion.timestep_sampling": str(d.base_timestep_sampling),
+            "diffusion.timestep_uniform_share": float(d.base_timestep_uniform_share),
         },
     )  # fmt: skip
     workdir = os.path.join(out, "runs", "base")

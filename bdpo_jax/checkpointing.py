@@ -75,6 +75,16 @@ def save(
     )
 
 
+def saved_config(manager: ocp.CheckpointManager) -> dict[str, Any] | None:
+    """The config saved with the latest checkpoint (`save`'s config_dict), or None when the
+    workdir has no checkpoint."""
+    step = manager.latest_step()
+    if step is None:
+        return None
+    restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    return dict(restored["config"])
+
+
 def _abstract(shardings_tree: Any, abstract_tree: Any) -> Any:
     return jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

@@ -9,6 +9,7 @@ result is bit-identical to diffusers' `alphas_cumprod` for SD's schedules (tests
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -18,6 +19,7 @@ import numpy as np
 BETA_SCHEDULES = ("scaled_linear", "linear")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # config.model.prediction_type
 SNR_WEIGHTINGS = ("min_snr", "truncated_snr")  # config.diffusion.snr_weighting
+TIMESTEP_SAMPLINGS = ("uniform", "lognormal_sigma")  # config.diffusion.timestep_sampling
 
 
 class Schedule(NamedTuple):
@@ -199,6 +201,60 @@ def snr_loss_weights(
     return weights_B
 
 
-def sample_timesteps(rng: jax.Array, batch: int, num_train_timesteps: int) -> jax.Array:
-    """int32 [batch] uniform in [0, num_train_timesteps), like torch.randint(0, T, (batch,))."""
-    return jax.random.randint(rng, (batch,), 0, num_train_timesteps, dtype=jnp.int32)
+def timestep_probabilities(
+    schedule: Schedule,
+    sampling: str = "uniform",
+    *,
+    log_sigma_mean: float = -1.2,
+    log_sigma_std: float = 1.2,
+    uniform_share: float = 0.0,
+) -> np.ndarray:
+    """float64 [T]: the probability of training at each timestep t.
+
+    'uniform'          1 / T, as torch.randint(0, T) (DDPM, diffusers' training scripts).
+    'lognormal_sigma'  EDM's training noise levels (Karras et al. 2022, section 5: ln sigma ~
+                       N(log_sigma_mean, log_sigma_std^2), P_mean = -1.2 and P_std = 1.2 there)
+                       on this schedule's discrete timesteps: t is the timestep whose noise
+                       level sigma_t = sqrt((1 - abar_t) / abar_t) (EDM's units: x_t / sqrt(abar_t)
+                       = x0 + sigma_t eps) is nearest to sigma in ln sigma, so p_t is the normal
+                       probability of ln sigma_t's cell between the midpoints to its neighbours
+                       (the first and last cells open-ended). Then mixed with the uniform
+                       distribution: (1 - uniform_share) p_t + uniform_share / T.
+    Uniform timesteps spend half of a linear-beta schedule's steps at sigma > 3, where an x0
+    estimate can only be the prompt's mean image; EDM's centre sigma ~ 0.3 is where edges are
+    decided. The uniform share keeps the noisy timesteps the sampler starts from trained."""
+    if sampling not in TIMESTEP_SAMPLINGS:
+        raise ValueError(
+            f"config.diffusion.timestep_sampling={sampling!r}: expected one of {TIMESTEP_SAMPLINGS}"
+        )
+    if not log_sigma_std > 0 or not 0.0 <= uniform_share <= 1.0:
+        raise ValueError(
+            f"timestep_log_sigma_std={log_sigma_std} must be > 0 and timestep_uniform_share="
+            f"{uniform_share} in [0, 1]"
+        )
+    count = schedule.num_train_timesteps
+    uniform_T = np.full(count, 1.0 / count)
+    if sampling == "uniform":
+        return uniform_T
+    abar_T = np.asarray(schedule.alphas_cumprod_T, np.float64)
+    log_sigma_T = 0.5 * np.log((1.0 - abar_T) / abar_T)  # increasing in t
+    edges = np.concatenate([[-np.inf], (log_sigma_T[1:] + log_sigma_T[:-1]) / 2, [np.inf]])
+    z = (edges - log_sigma_mean) / (log_sigma_std * np.sqrt(2.0))
+    cdf = 0.5 * (1.0 + np.array([math.erf(v) for v in z]))
+    return (1.0 - uniform_share) * np.diff(cdf) + uniform_share * uniform_T
+
+
+def sample_timesteps(
+    rng: jax.Array,
+    batch: int,
+    num_train_timesteps: int,
+    probabilities_T: np.ndarray | None = None,
+) -> jax.Array:
+    """int32 [batch] in [0, num_train_timesteps): uniform like torch.randint(0, T, (batch,)), or
+    drawn with `probabilities_T` (`timestep_probabilities`; None: uniform)."""
+    if probabilities_T is None:
+        return jax.random.randint(rng, (batch,), 0, num_train_timesteps, dtype=jnp.int32)
+    if len(probabilities_T) != num_train_timesteps:
+        raise ValueError(f"{len(probabilities_T)} probabilities for {num_train_timesteps} steps")
+    logits_T = jnp.log(jnp.asarray(np.maximum(probabilities_T, 1e-30), jnp.float32))
+    return jax.random.categorical(rng, logits_T, shape=(batch,)).astype(jnp.int32)

@@ -85,6 +85,27 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"config.diffusion.snr_gamma={snr_gamma}: the truncated SNR weights clip(SNR, 1, "
             "gamma) need gamma >= 1"
         )
+    sampling = str(config.diffusion.timestep_sampling)
+    if sampling not in schedules.TIMESTEP_SAMPLINGS:
+        raise ConfigError(
+            f"config.diffusion.timestep_sampling={sampling!r}: expected one of "
+            f"{schedules.TIMESTEP_SAMPLINGS}"
+        )
+    if sampling != "uniform" and config.label.mode != "sft":
+        raise ConfigError(
+            f"config.diffusion.timestep_sampling={sampling!r}: only with config.label.mode="
+            f"'sft' (got {config.label.mode!r}; Diffusion-DPO draws timesteps uniformly)"
+        )
+    if not float(config.diffusion.timestep_log_sigma_std) > 0:
+        raise ConfigError(
+            "config.diffusion.timestep_log_sigma_std must be > 0, got "
+            f"{config.diffusion.timestep_log_sigma_std}"
+        )
+    if not 0.0 <= float(config.diffusion.timestep_uniform_share) <= 1.0:
+        raise ConfigError(
+            "config.diffusion.timestep_uniform_share must lie in [0, 1], got "
+            f"{config.diffusion.timestep_uniform_share}"
+        )
     for name in ("steps", "global_batch_size", "log_every", "checkpoint_every"):
         if int(config.train[name]) < 1:
             raise ConfigError(f"config.train.{name} must be >= 1, got {config.train[name]}")
@@ -146,6 +167,17 @@ def make_train_step(
         matched_forward=bool(config.dpo.matched_forward),
         snr_gamma=float(config.diffusion.snr_gamma),
         snr_weighting=str(config.diffusion.snr_weighting),
+        timestep_probabilities_T=(
+            None
+            if config.diffusion.timestep_sampling == "uniform"
+            else schedules.timestep_probabilities(
+                schedule,
+                str(config.diffusion.timestep_sampling),
+                log_sigma_mean=float(config.diffusion.timestep_log_sigma_mean),
+                log_sigma_std=float(config.diffusion.timestep_log_sigma_std),
+                uniform_share=float(config.diffusion.timestep_uniform_share),
+            )
+        ),
     )
     step_fn = functools.partial(
         train_step.train_step,
@@ -255,6 +287,52 @@ def _log_summary(
     writer.write_summary(step, scalars)
 
 
+# config fields a resumed run may change: how long it runs, how it logs, saves and reads
+RESUMABLE_FIELDS = frozenset(
+    {
+        "train.steps",
+        "train.log_every",
+        "train.checkpoint_every",
+        "train.keep_checkpoints",
+        "train.async_checkpoints",
+        "train.sample_every",
+        "data.num_workers",
+        "data.prefetch",
+        "data.read_threads",
+    }
+)
+
+
+def changed_fields(saved: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the fields present in both config dicts whose values differ (a field
+    only one of them has, e.g. one added by a newer version, is not a change)."""
+    changed = []
+    for key in sorted(saved.keys() & new.keys()):
+        name = f"{prefix}{key}"
+        if isinstance(saved[key], dict) and isinstance(new[key], dict):
+            changed += changed_fields(saved[key], new[key], name + ".")
+        elif saved[key] != new[key]:
+            changed.append(name)
+    return changed
+
+
+def check_resume_config(saved: dict[str, Any] | None, new: dict[str, Any], workdir: str) -> None:
+    """A workdir's checkpoint resumes only under the config it was saved with (but for
+    `RESUMABLE_FIELDS`): otherwise the run would go on with the old params under a config
+    that claims another recipe."""
+    if saved is None:
+        return
+    changed = [name for name in changed_fields(saved, new) if name not in RESUMABLE_FIELDS]
+    if changed:
+        shown = ", ".join(changed[:6]) + (
+            f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+        )
+        raise ConfigError(
+            f"{workdir} holds a checkpoint of a run with other settings ({shown}); resume it "
+            "with its own config, or train in another workdir"
+        )
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Train (or resume) the run of `config` in `workdir`; returns the final state."""
     validate_config(config)
@@ -300,13 +378,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     write_grid = (
         grids.training_grid_writer(config, model, info) if config.train.sample_every else None
     )
-    _write_json(os.path.join(workdir, checkpointing.UNET_CONFIG_FILE), unet_cfg)
     config_dict = json.loads(config.to_json_best_effort())
-    _write_json(os.path.join(workdir, checkpointing.CONFIG_FILE), config_dict)
-
     manager = checkpointing.make_manager(
         workdir, int(config.train.keep_checkpoints), bool(config.train.async_checkpoints)
     )
+    check_resume_config(checkpointing.saved_config(manager), config_dict, workdir)
+    _write_json(os.path.join(workdir, checkpointing.UNET_CONFIG_FILE), unet_cfg)
+    _write_json(os.path.join(workdir, checkpointing.CONFIG_FILE), config_dict)
     restored = checkpointing.restore_latest(manager, inits.abstract, inits.shardings, global_batch)
     if restored is None:
         state, position = _initial_state(config, host_params, inits), 0

@@ -83,14 +83,16 @@ def _noised_pairs(
     schedule: schedules.Schedule,
     vae_scaling_factor: float,
     proportion_empty_prompts: float,
+    timestep_probabilities_T: np.ndarray | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, Batch | None]:
-    """Both images' latents, the pair's shared noise and timestep, and its (dropped) prompt."""
+    """Both images' latents, the pair's shared noise and timestep (uniform, or drawn with
+    `timestep_probabilities_T`), and its (dropped) prompt."""
     b = mb["moments_0"].shape[0]
     k_x1, k_x2, k_eps, k_t, k_drop = jax.random.split(rng, 5)
     x0_1 = sample_latents(mb["moments_0"], k_x1, vae_scaling_factor)
     x0_2 = sample_latents(mb["moments_1"], k_x2, vae_scaling_factor)
     eps_BxCxHxW = jax.random.normal(k_eps, x0_1.shape, jnp.float32)
-    t_B = schedules.sample_timesteps(k_t, b, schedule.num_train_timesteps)
+    t_B = schedules.sample_timesteps(k_t, b, schedule.num_train_timesteps, timestep_probabilities_T)
 
     drop_B = jax.random.uniform(k_drop, (b,)) < proportion_empty_prompts  # per pair
     text_BxLxD = jnp.where(
@@ -253,12 +255,14 @@ def sft_loss_fn(
     proportion_empty_prompts: float,
     snr_gamma: float = 0.0,
     snr_weighting: str = "min_snr",
+    timestep_probabilities_T: np.ndarray | None = None,
 ) -> tuple[jax.Array, Metrics]:
     """Plain SFT on the winners (label = the winner's index), as Diffusion-DPO's --sft loads only
     winners: one UNet call on the B winners with their pair's noise and timestep. The
     reference is not used. snr_gamma > 0: each image's mse weighted by
     `schedules.snr_loss_weights` (`snr_weighting`: Min-SNR-gamma or truncated SNR); 0: the plain
-    mean (the authors')."""
+    mean (the authors'). timestep_probabilities_T: the timesteps' distribution
+    (`schedules.timestep_probabilities`; None: uniform, the authors')."""
     del ref_params
     x0_1, x0_2, eps_B, t_B, text_B, added_B = _noised_pairs(
         mb,
@@ -267,6 +271,7 @@ def sft_loss_fn(
         schedule=schedule,
         vae_scaling_factor=vae_scaling_factor,
         proportion_empty_prompts=proportion_empty_prompts,
+        timestep_probabilities_T=timestep_probabilities_T,
     )
     x0_w = jnp.where((label == 0)[:, None, None, None], x0_1, x0_2)
     mse_w_B = _mse_fn(model, schedule, prediction_type, x0_w, eps_B, t_B, text_B, added_B)(params)
@@ -289,19 +294,26 @@ def make_loss_fn(
     matched_forward: bool = False,
     snr_gamma: float = 0.0,
     snr_weighting: str = "min_snr",
+    timestep_probabilities_T: np.ndarray | None = None,
 ) -> LossFn:
     """`dpo_loss_fn` or `sft_loss_fn` (kind 'dpo' | 'sft') with the model and knobs bound
-    (matched_forward: DPO only, see `dpo_mse`; snr_gamma, snr_weighting: SFT only, see
-    `sft_loss_fn`)."""
+    (matched_forward: DPO only, see `dpo_mse`; snr_gamma, snr_weighting,
+    timestep_probabilities_T: SFT only, see `sft_loss_fn`)."""
     fns = {"dpo": dpo_loss_fn, "sft": sft_loss_fn}
     if kind not in fns:
         raise ValueError(f"loss kind {kind!r}: expected one of {sorted(fns)}")
     if kind == "dpo" and snr_gamma:
         raise ValueError(f"snr_gamma={snr_gamma}: the DPO loss is unweighted (SFT only)")
+    if kind == "dpo" and timestep_probabilities_T is not None:
+        raise ValueError("timestep_probabilities_T: DPO trains on uniform timesteps (SFT only)")
     extra = (
         {"matched_forward": bool(matched_forward)}
         if kind == "dpo"
-        else {"snr_gamma": float(snr_gamma), "snr_weighting": str(snr_weighting)}
+        else {
+            "snr_gamma": float(snr_gamma),
+            "snr_weighting": str(snr_weighting),
+            "timestep_probabilities_T": timestep_probabilities_T,
+        }
     )
     return functools.partial(
         fns[kind],

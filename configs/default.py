@@ -46,6 +46,13 @@ def get_config() -> ml_collections.ConfigDict:
     # --snr_gamma); 'truncated_snr': clip(SNR, 1, gamma) (bdpo_jax.schedules.snr_loss_weights)
     config.diffusion.snr_gamma = 0.0
     config.diffusion.snr_weighting = "min_snr"  # 'min_snr' | 'truncated_snr'
+    # label mode 'sft' only: the timesteps' distribution (bdpo_jax.schedules.timestep_probabilities).
+    # 'uniform' (DDPM, the authors'); 'lognormal_sigma': EDM's ln sigma ~ N(mean, std^2) on the
+    # schedule's timesteps, mixed with `timestep_uniform_share` of uniform timesteps
+    config.diffusion.timestep_sampling = "uniform"
+    config.diffusion.timestep_log_sigma_mean = -1.2  # EDM's P_mean
+    config.diffusion.timestep_log_sigma_std = 1.2  # EDM's P_std
+    config.diffusion.timestep_uniform_share = 0.0
 
     # --- data -------------------------------------------------------------------------------
     config.data = ml_collections.ConfigDict()

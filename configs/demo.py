@@ -66,6 +66,12 @@ def get_config() -> ml_collections.ConfigDict:
     # better than its estimate at t = 124 (README: what the base draws)
     d.base_snr_gamma = 5.0
     d.base_snr_weighting = "truncated_snr"  # 'min_snr' | 'truncated_snr'
+    # SFT timesteps (config.diffusion.timestep_sampling, timestep_uniform_share): half drawn
+    # from EDM's noise levels (ln sigma ~ N(-1.2, 1.2^2): most at sigma < 1, where edges and
+    # shapes are decided), half uniform (the noisy timesteps the sampler starts from). Uniform
+    # timesteps alone spend half the steps at sigma > 3 (README: what the base draws)
+    d.base_timestep_sampling = "lognormal_sigma"  # 'uniform' | 'lognormal_sigma'
+    d.base_timestep_uniform_share = 0.5
     # stage 3: on-policy pairs
     d.pair_prompts = 0  # training prompts to sample pairs for (0 = all 72; spread evenly)
     d.pairs_per_prompt = 2  # pairs sampled per prompt (2 images each, different seeds)

@@ -163,3 +163,29 @@ def test_init_from_a_diffusers_folder(tmp_path):
     )
     _leaves_equal(state.params, params)
     _leaves_equal(state.ref_params, params)
+
+
+def test_resume_under_another_config_is_refused_and_keeps_the_run(tmp_path):
+    workdir = str(tmp_path / "run")
+    first = train.train_and_evaluate(_config(2), workdir)
+    with open(os.path.join(workdir, "config.json")) as f:
+        saved = f.read()
+    changed = _config(4)  # more steps: a resumable change
+    changed.optim.learning_rate = 0.5 * float(changed.optim.learning_rate)
+    changed.dpo.beta = 2.0 * float(changed.dpo.beta)
+    with pytest.raises(schema.ConfigError) as error:
+        train.train_and_evaluate(changed, workdir)
+    message = str(error.value)
+    assert workdir in message and "dpo.beta, optim.learning_rate" in message
+    assert "train.steps" not in message
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert f.read() == saved  # the run's record still describes its checkpoint
+    resumed = train.train_and_evaluate(_config(3), workdir)  # its own config, more steps
+    assert int(resumed.step) == 3 and int(first.step) == 2
+
+
+def test_changed_fields_compares_shared_fields_only():
+    saved = {"a": 1, "b": {"c": [1, 2], "d": "x"}, "old": 0}
+    new = {"a": 1, "b": {"c": [1, 3], "d": "x"}, "added": 5}
+    assert train.changed_fields(saved, new) == ["b.c"]
+    assert train.changed_fields(new, new) == []

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 import pytest
 
-from bdpo_jax import data, schema, sharding, train, train_state
+from bdpo_jax import data, schedules, schema, sharding, train, train_state
 from bdpo_jax import train_step as ts
 from configs import tiny
 
@@ -82,8 +82,9 @@ def _probe_setup(pooled: bool = False, **overrides) -> _Setup:
     return _Setup(model, config, info, state, batch, consts, step_fn, jax.jit(step_fn), tx)
 
 
-def _manual_loss(setup: _Setup, label=None):
-    """The authors' recipe written out in numpy from the documented key derivation."""
+def _manual_loss(setup: _Setup, label=None, timestep_probabilities_T=None):
+    """The authors' recipe written out in numpy from the documented key derivation
+    (timesteps drawn with `timestep_probabilities_T` by jax.random.categorical when given)."""
     model, state, batch, consts = setup.model, setup.state, setup.batch, setup.consts
     prediction_type = setup.config.model.prediction_type
     p_drop = setup.config.dpo.proportion_empty_prompts
@@ -102,7 +103,11 @@ def _manual_loss(setup: _Setup, label=None):
 
     x1, x2 = latents(batch["moments_0"], k_x1), latents(batch["moments_1"], k_x2)
     eps = np.asarray(jax.random.normal(k_eps, x1.shape), np.float64)
-    t = np.asarray(jax.random.randint(k_t, (x1.shape[0],), 0, 1000))
+    if timestep_probabilities_T is None:
+        t = np.asarray(jax.random.randint(k_t, (x1.shape[0],), 0, 1000))
+    else:
+        logits_T = np.log(np.maximum(timestep_probabilities_T, 1e-30)).astype(np.float32)
+        t = np.asarray(jax.random.categorical(k_t, logits_T, shape=(x1.shape[0],)))
     a = np.sqrt(acp[t])[:, None, None, None]
     s = np.sqrt(1 - acp[t])[:, None, None, None]
     drop = np.asarray(jax.random.uniform(k_drop, (x1.shape[0],))) < p_drop
@@ -227,6 +232,41 @@ def test_sft_truncated_snr_weights_each_winner_by_its_timestep():
     assert snr.min() < 1.0 and snr.max() > 5.0  # the floor and the cap both occur
     weighted = np.mean(np.clip(snr, 1.0, 5.0) / snr * want["sft_mse"])
     assert float(metrics["loss"]) == pytest.approx(weighted, rel=2e-6)
+
+
+def test_sft_lognormal_timesteps_draw_from_edm_noise_levels():
+    s = _probe_setup(
+        label__mode="sft",
+        diffusion__timestep_sampling="lognormal_sigma",
+        diffusion__timestep_uniform_share=0.25,
+    )
+    _, metrics = s.step(s.state, s.batch, s.consts)
+    p = schedules.timestep_probabilities(
+        schedules.make_schedule(), "lognormal_sigma", uniform_share=0.25
+    )
+    want = _manual_loss(s, timestep_probabilities_T=p)
+    assert float(metrics["loss"]) == pytest.approx(want["sft_loss"], rel=2e-6)
+    uniform = _manual_loss(s)  # the same keys drawn uniformly give another loss
+    assert abs(uniform["sft_loss"] - want["sft_loss"]) > 1e-3 * want["sft_loss"]
+
+
+def test_timestep_sampling_config_errors():
+    config = tiny.get_config()
+    config.diffusion.timestep_sampling = "lognormal_sigma"
+    with pytest.raises(schema.ConfigError, match="only with config.label.mode='sft'"):
+        train.validate_config(config)
+    config.label.mode = "sft"
+    train.validate_config(config)
+    config.diffusion.timestep_sampling = "logit"
+    with pytest.raises(schema.ConfigError, match="timestep_sampling='logit'"):
+        train.validate_config(config)
+    config.diffusion.timestep_sampling = "lognormal_sigma"
+    config.diffusion.timestep_log_sigma_std = 0.0
+    with pytest.raises(schema.ConfigError, match="timestep_log_sigma_std must be > 0"):
+        train.validate_config(config)
+    config.diffusion.timestep_log_sigma_std, config.diffusion.timestep_uniform_share = 1.2, -0.1
+    with pytest.raises(schema.ConfigError, match="timestep_uniform_share must lie in"):
+        train.validate_config(config)
 
 
 def test_snr_gamma_outside_sft_is_a_config_error():
