@@ -52,7 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.diffusion.timestep_sampling = "uniform"
     config.diffusion.timestep_log_sigma_mean = -1.2  # EDM's P_mean
     config.diffusion.timestep_log_sigma_std = 1.2  # EDM's P_std
-    config.diffusion.timestep_uniform_share = 0.0
+    config.diffusion.timestep_uniform_share = 0.0  # share of uniform timesteps mixed in (0..1)
 
     # --- data -------------------------------------------------------------------------------
     config.data = ml_collections.ConfigDict()
