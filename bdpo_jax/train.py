@@ -296,6 +296,7 @@ RESUMABLE_FIELDS = frozenset(
         "train.keep_checkpoints",
         "train.async_checkpoints",
         "train.sample_every",
+        "train.progress_bar",
         "data.num_workers",
         "data.prefetch",
         "data.read_threads",

@@ -180,7 +180,9 @@ def test_resume_under_another_config_is_refused_and_keeps_the_run(tmp_path):
     assert "train.steps" not in message
     with open(os.path.join(workdir, "config.json")) as f:
         assert f.read() == saved  # the run's record still describes its checkpoint
-    resumed = train.train_and_evaluate(_config(3), workdir)  # its own config, more steps
+    own = _config(3)  # its own config, more steps, a progress bar: resumable changes
+    own.train.progress_bar = True
+    resumed = train.train_and_evaluate(own, workdir)
     assert int(resumed.step) == 3 and int(first.step) == 2
 
 
