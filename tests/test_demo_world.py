@@ -99,6 +99,57 @@ def test_hand_made_images_score_as_the_formulas_say():
     assert measures.position_score(moved, spec) == pytest.approx(50.0)
 
 
+def _mean_shift_of_invisible_noise(monkeypatch, visible_distance, visible_step) -> dict:
+    """Per measure, |mean score of perfect renders + N(0, 0.01) noise - mean of the renders|
+    as a share of the measure's range; both as 8-bit images (what the scorers see)."""
+    monkeypatch.setattr(measures, "VISIBLE_DISTANCE", visible_distance)
+    monkeypatch.setattr(measures, "VISIBLE_STEP", visible_step)
+    rng = np.random.default_rng(1)
+
+    def as_8bit(image):
+        return np.round(np.clip(image, 0.0, 1.0) * 255) / 255
+
+    clean = [as_8bit(world.render(s)) for s in SPECS]
+    noisy = [as_8bit(world.render(s) + rng.normal(0.0, 0.01, (32, 32, 3))) for s in SPECS]
+    shift = {}
+    for name, fn in measures.MEASURES.items():
+        a = np.mean([fn(i, s) for i, s in zip(clean, SPECS, strict=True)])
+        b = np.mean([fn(i, s) for i, s in zip(noisy, SPECS, strict=True)])
+        shift[name] = abs(a - b) / (RANGES[name][1] - RANGES[name][0])
+    return shift
+
+
+def test_invisible_noise_moves_no_mean_by_more_than_1_percent_and_the_dead_zones_are_minimal(
+    monkeypatch,
+):
+    d, g = measures.VISIBLE_DISTANCE, measures.VISIBLE_STEP
+    assert max(_mean_shift_of_invisible_noise(monkeypatch, d, g).values()) <= 0.01
+    # 0.005 less of either dead zone and the noise moves some mean by more than 1%
+    assert _mean_shift_of_invisible_noise(monkeypatch, d - 0.005, g)["shape"] > 0.01
+    assert _mean_shift_of_invisible_noise(monkeypatch, d, g - 0.005)["sharpness"] > 0.01
+    # without dead zones (the measures before): shape fell by 8 of its 9 points
+    assert _mean_shift_of_invisible_noise(monkeypatch, 0.0, 0.0)["shape"] > 0.7
+
+
+def test_dead_zones_leave_visible_flaws_measured():
+    spec = world.Spec("yellow", "triangle", "gray", "top left")
+    perfect = measures.sharpness_score(world.render(spec), spec)
+    blurred = [
+        measures.sharpness_score(world.render(spec, blur_sigma=b), spec) for b in (0.5, 1, 2)
+    ]
+    assert perfect > blurred[0] > blurred[1] > blurred[2]
+    # a pixel just past the dead zone is a little object; one inside it is background
+    bg = np.asarray(world.BACKGROUNDS["gray"], np.float32)
+    image = np.array(np.broadcast_to(bg, (32, 32, 3)))
+    image[0, 0] += measures.VISIBLE_DISTANCE * 0.9 / np.sqrt(3)
+    image[0, 1] += (measures.VISIBLE_DISTANCE + 0.032) / np.sqrt(3)
+    weights = measures.object_weights(image, spec)
+    assert weights[0, 0] == 0.0 and weights[1:, :].max() == 0.0
+    assert weights[0, 1] == pytest.approx(
+        0.032 / (measures.FOREGROUND_DISTANCE - measures.VISIBLE_DISTANCE), rel=1e-4
+    )
+
+
 def test_render_flawed_flaw_rates_are_independent_and_as_given():
     rng = np.random.default_rng(0)
     spec = world.Spec("yellow", "circle", "black", "bottom left")
