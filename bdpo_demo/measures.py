@@ -20,13 +20,28 @@ generated image's shape, colour and sharpness measured its background's haze, no
 object. Each dead zone is the smallest (in steps of 0.005) at which that noise moves no
 mean score of perfect renders by more than 1% of the measure's range
 (tests/test_demo_world.py checks both halves of that statement).
+
+    python -m bdpo_demo.measures   # that calibration as a table: these dead zones, smaller, none
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import sys
+from collections.abc import Iterator
+
 import numpy as np
 
-from bdpo_demo.world import BACKGROUNDS, OBJECT_COLOURS, POSITIONS, Spec, shape_mask
+from bdpo_demo.world import (
+    BACKGROUNDS,
+    OBJECT_COLOURS,
+    POSITIONS,
+    Spec,
+    all_specs,
+    render,
+    shape_mask,
+)
 
 FOREGROUND_DISTANCE = 0.35  # RGB distance from the background at which a pixel is fully object
 VISIBLE_DISTANCE = 0.03  # RGB distance from the background below which a pixel is background
@@ -106,3 +121,74 @@ MEASURES = {
     "position": position_score,
     "sharpness": sharpness_score,
 }
+
+MEASURE_RANGES = {
+    "colour": (0.0, 1.0),
+    "shape": (1.0, 10.0),
+    "position": (0.0, 100.0),
+    "sharpness": (-1.0, 1.0),
+}
+INVISIBLE_NOISE_STD = 0.01  # 2.5 of 255 levels: at the threshold of seeing it on a flat field
+
+
+@contextlib.contextmanager
+def dead_zones(visible_distance: float, visible_step: float) -> Iterator[None]:
+    """Other dead zones inside the block (the calibration below and its test); restored on
+    exit."""
+    global VISIBLE_DISTANCE, VISIBLE_STEP
+    saved = VISIBLE_DISTANCE, VISIBLE_STEP
+    VISIBLE_DISTANCE, VISIBLE_STEP = visible_distance, visible_step
+    try:
+        yield
+    finally:
+        VISIBLE_DISTANCE, VISIBLE_STEP = saved
+
+
+def invisible_noise_means(
+    noise_std: float = INVISIBLE_NOISE_STD, seed: int = 1
+) -> dict[str, tuple[float, float, float]]:
+    """Per measure: (mean score of the 180 perfect renders, mean of the same renders with
+    Gaussian noise of `noise_std` added, |difference| / the measure's range), both as the
+    scorers see them: 8-bit images."""
+    specs = all_specs()
+    rng = np.random.default_rng(seed)
+
+    def as_8bit(image: np.ndarray) -> np.ndarray:
+        return np.round(np.clip(image, 0.0, 1.0) * 255) / 255
+
+    clean = [as_8bit(render(s)) for s in specs]
+    noisy = [as_8bit(render(s) + rng.normal(0.0, noise_std, c.shape)) for s, c in
+             zip(specs, clean, strict=True)]  # fmt: skip
+    out = {}
+    for name, fn in MEASURES.items():
+        a = float(np.mean([fn(i, s) for i, s in zip(clean, specs, strict=True)]))
+        b = float(np.mean([fn(i, s) for i, s in zip(noisy, specs, strict=True)]))
+        low, high = MEASURE_RANGES[name]
+        out[name] = (a, b, abs(a - b) / (high - low))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Prints the dead zones' calibration: each measure's mean on perfect renders without and
+    with invisible noise, for these dead zones, each 0.005 smaller, and none."""
+    parser = argparse.ArgumentParser(prog="python -m bdpo_demo.measures", description=main.__doc__)
+    parser.add_argument("--noise-std", type=float, default=INVISIBLE_NOISE_STD)
+    args = parser.parse_args(argv)
+    rows = {
+        "these": (VISIBLE_DISTANCE, VISIBLE_STEP),
+        "distance 0.005 smaller": (VISIBLE_DISTANCE - 0.005, VISIBLE_STEP),
+        "step 0.005 smaller": (VISIBLE_DISTANCE, VISIBLE_STEP - 0.005),
+        "none (before)": (0.0, 0.0),
+    }
+    print(f"perfect renders (8-bit) -> with noise of std {args.noise_std}; shift in % of range")
+    print("| dead zones (distance, step) | " + " | ".join(MEASURES) + " |")
+    print("|---|" + "---|" * len(MEASURES))
+    for label, (distance, step) in rows.items():
+        with dead_zones(distance, step):
+            means = invisible_noise_means(args.noise_std)
+        cells = [f"{a:.3f} -> {b:.3f} ({100 * shift:.2f}%)" for a, b, shift in means.values()]
+        print(f"| {label} ({distance:.3f}, {step:.3f}) | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -99,36 +99,37 @@ def test_hand_made_images_score_as_the_formulas_say():
     assert measures.position_score(moved, spec) == pytest.approx(50.0)
 
 
-def _mean_shift_of_invisible_noise(monkeypatch, visible_distance, visible_step) -> dict:
-    """Per measure, |mean score of perfect renders + N(0, 0.01) noise - mean of the renders|
-    as a share of the measure's range; both as 8-bit images (what the scorers see)."""
-    monkeypatch.setattr(measures, "VISIBLE_DISTANCE", visible_distance)
-    monkeypatch.setattr(measures, "VISIBLE_STEP", visible_step)
-    rng = np.random.default_rng(1)
-
-    def as_8bit(image):
-        return np.round(np.clip(image, 0.0, 1.0) * 255) / 255
-
-    clean = [as_8bit(world.render(s)) for s in SPECS]
-    noisy = [as_8bit(world.render(s) + rng.normal(0.0, 0.01, (32, 32, 3))) for s in SPECS]
-    shift = {}
-    for name, fn in measures.MEASURES.items():
-        a = np.mean([fn(i, s) for i, s in zip(clean, SPECS, strict=True)])
-        b = np.mean([fn(i, s) for i, s in zip(noisy, SPECS, strict=True)])
-        shift[name] = abs(a - b) / (RANGES[name][1] - RANGES[name][0])
-    return shift
+def _shift(visible_distance: float, visible_step: float) -> dict[str, float]:
+    """Per measure, how far invisible noise moves the perfect renders' mean (share of range)."""
+    with measures.dead_zones(visible_distance, visible_step):
+        return {name: m[2] for name, m in measures.invisible_noise_means().items()}
 
 
-def test_invisible_noise_moves_no_mean_by_more_than_1_percent_and_the_dead_zones_are_minimal(
-    monkeypatch,
-):
+def test_invisible_noise_moves_no_mean_by_more_than_1_percent_and_the_dead_zones_are_minimal():
     d, g = measures.VISIBLE_DISTANCE, measures.VISIBLE_STEP
-    assert max(_mean_shift_of_invisible_noise(monkeypatch, d, g).values()) <= 0.01
+    assert max(_shift(d, g).values()) <= 0.01
     # 0.005 less of either dead zone and the noise moves some mean by more than 1%
-    assert _mean_shift_of_invisible_noise(monkeypatch, d - 0.005, g)["shape"] > 0.01
-    assert _mean_shift_of_invisible_noise(monkeypatch, d, g - 0.005)["sharpness"] > 0.01
-    # without dead zones (the measures before): shape fell by 8 of its 9 points
-    assert _mean_shift_of_invisible_noise(monkeypatch, 0.0, 0.0)["shape"] > 0.7
+    assert _shift(d - 0.005, g)["shape"] > 0.01
+    assert _shift(d, g - 0.005)["sharpness"] > 0.01
+    # without dead zones (the measures before): shape fell by 6 of its 9 points
+    assert _shift(0.0, 0.0)["shape"] > 0.7
+    assert (measures.VISIBLE_DISTANCE, measures.VISIBLE_STEP) == (d, g)  # restored
+
+
+def test_invisible_noise_means_follow_a_hand_computed_mean():
+    specs = SPECS
+    rng = np.random.default_rng(1)
+    noisy = [np.round(np.clip(world.render(s) + rng.normal(0, 0.01, (32, 32, 3)), 0, 1) * 255)
+             / 255 for s in specs]  # fmt: skip
+    want = np.mean([measures.position_score(i, s) for i, s in zip(noisy, specs, strict=True)])
+    assert measures.invisible_noise_means()["position"][1] == pytest.approx(want, rel=1e-12)
+
+
+def test_calibration_cli_prints_the_table(capsys):
+    measures.main([])
+    out = capsys.readouterr().out
+    assert "| these (0.030, 0.050) |" in out and "| none (before) (0.000, 0.000) |" in out
+    assert out.count("\n|") == 6  # header, rule and four rows
 
 
 def test_dead_zones_leave_visible_flaws_measured():
