@@ -12,14 +12,14 @@ They see the object as the pixels that differ visibly from the prompt's backgrou
 high on position and shape and low on colour for the prompt "a red square ...".
 
 Invisible deviations do not count: a pixel within VISIBLE_DISTANCE of the background is
-background, a neighbour step below VISIBLE_STEP is not an edge. Without these dead zones a
-perfect render with noise of std 0.01 (2.5 of 255 levels per channel, at the threshold of
-seeing it on a flat field) scored shape 1.6 instead of 9.3 and sharpness -0.34 instead of
-0.25: the faint noise of ~900 background pixels outweighed the object's ~120 pixels, so a
-generated image's shape, colour and sharpness measured its background's haze, not its
-object. Each dead zone is the smallest (in steps of 0.005) at which that noise moves no
-mean score of perfect renders by more than 1% of the measure's range
-(tests/test_demo_world.py checks both halves of that statement).
+background, a neighbour step below VISIBLE_STEP is not an edge. Without these dead zones the
+perfect renders (as 8-bit images) with noise of std 0.01 added (2.5 of 255 levels per channel,
+at the threshold of seeing it on a flat field) scored shape 1.7 on average where the renders
+themselves scored 8.1 (9.3 now), and sharpness -0.34 instead of 0.25: the faint noise of ~900
+background pixels outweighed the object's ~120 pixels, so a generated image's shape, colour and
+sharpness measured its background's haze, not its object. Each dead zone is the smallest (in
+steps of 0.005) at which that noise moves no mean score of perfect renders by more than 1% of
+the measure's range (tests/test_demo_world.py checks both halves of that statement).
 
     python -m bdpo_demo.measures   # that calibration as a table: these dead zones, smaller, none
 """

@@ -7,8 +7,7 @@ import pytest
 from bdpo_demo import measures, model, world
 
 SPECS = world.all_specs()
-RANGES = {"colour": (0.0, 1.0), "shape": (1.0, 10.0), "position": (0.0, 100.0),
-          "sharpness": (-1.0, 1.0)}  # fmt: skip
+RANGES = measures.MEASURE_RANGES
 
 
 def test_world_has_180_distinct_prompts_that_parse_back():
