@@ -156,9 +156,9 @@ def invisible_noise_means(
     def as_8bit(image: np.ndarray) -> np.ndarray:
         return np.round(np.clip(image, 0.0, 1.0) * 255) / 255
 
-    clean = [as_8bit(render(s)) for s in specs]
-    noisy = [as_8bit(render(s) + rng.normal(0.0, noise_std, c.shape)) for s, c in
-             zip(specs, clean, strict=True)]  # fmt: skip
+    renders = [render(s) for s in specs]
+    clean = [as_8bit(r) for r in renders]
+    noisy = [as_8bit(r + rng.normal(0.0, noise_std, r.shape)) for r in renders]
     out = {}
     for name, fn in MEASURES.items():
         a = float(np.mean([fn(i, s) for i, s in zip(clean, specs, strict=True)]))
@@ -174,6 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bdpo_demo.measures", description=main.__doc__)
     parser.add_argument("--noise-std", type=float, default=INVISIBLE_NOISE_STD)
     args = parser.parse_args(argv)
+    if not args.noise_std > 0:
+        parser.error(f"--noise-std must be > 0, got {args.noise_std}")
     rows = {
         "these": (VISIBLE_DISTANCE, VISIBLE_STEP),
         "distance 0.005 smaller": (VISIBLE_DISTANCE - 0.005, VISIBLE_STEP),

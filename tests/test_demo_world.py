@@ -129,6 +129,10 @@ def test_calibration_cli_prints_the_table(capsys):
     out = capsys.readouterr().out
     assert "| these (0.030, 0.050) |" in out and "| none (before) (0.000, 0.000) |" in out
     assert out.count("\n|") == 6  # header, rule and four rows
+    with pytest.raises(SystemExit) as exit_info:
+        measures.main(["--noise-std", "-1"])
+    assert exit_info.value.code == 2
+    assert "--noise-std must be > 0, got -1.0" in capsys.readouterr().err
 
 
 def test_dead_zones_leave_visible_flaws_measured():
