@@ -28,7 +28,7 @@ from bdpo_demo.__main__ import apply_override, check_out
 from bdpo_jax import checkpointing, schema
 
 PROG = "python -m bdpo_demo.base_study"
-PROBE_TIMESTEPS = (10, 50, 124, 249, 499)  # 124: the demo sampler's last step (8, trailing)
+PROBE_TIMESTEPS = (10, 50, 124, 249, 499)  # 124: the last step of 8 trailing (no Karras)
 
 
 def sample_means(config, generator, samples: int) -> dict[str, float]:

@@ -10,6 +10,7 @@ image = (pixels / s + 1) / 2 with s = the data's vae_scaling_factor.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -40,23 +41,10 @@ def _read_json(path: str) -> dict[str, Any]:
         return json.load(f)
 
 
-def schedule_from_run_config(run: dict[str, Any]) -> sampling.ScheduleConfig:
-    """The sampler schedule of a workdir's config.json (diffusion, sample, model sections)."""
-    d, s = run["diffusion"], run["sample"]
-    return sampling.ScheduleConfig(
-        num_train_timesteps=int(d["num_train_timesteps"]),
-        beta_schedule=str(d["beta_schedule"]),
-        beta_start=float(d["beta_start"]),
-        beta_end=float(d["beta_end"]),
-        prediction_type=str(run["model"]["prediction_type"]),
-        timestep_spacing=str(s["timestep_spacing"]),
-        steps_offset=int(s["steps_offset"]),
-        set_alpha_to_one=bool(s["set_alpha_to_one"]),
-    )
-
-
 class JaxGenerator:
-    """Images of a trained workdir: DDIM (or dpmpp/euler) with classifier-free guidance."""
+    """Images of a trained workdir: DDIM (or dpmpp/euler) with classifier-free guidance. The
+    noise schedule and prediction type are the workdir's (config.json); `use_karras_sigmas`
+    None keeps its sample.use_karras_sigmas too."""
 
     def __init__(
         self,
@@ -67,6 +55,7 @@ class JaxGenerator:
         steps: int = 20,
         guidance: float = 3.0,
         batch_size: int = 32,
+        use_karras_sigmas: bool | None = None,
     ):
         if steps < 1 or batch_size < 1:
             raise ValueError(f"steps ({steps}) and batch_size ({batch_size}) must be positive")
@@ -75,7 +64,9 @@ class JaxGenerator:
         self.batch_size = batch_size
         run = _read_json(os.path.join(workdir, checkpointing.CONFIG_FILE))
         self.unet_cfg = _read_json(os.path.join(workdir, checkpointing.UNET_CONFIG_FILE))
-        self.schedule = schedule_from_run_config(run)
+        self.schedule = sampling.schedule_config_from_config(run)
+        if use_karras_sigmas is not None:  # an inference choice: the caller's, not the run's
+            self.schedule = dataclasses.replace(self.schedule, use_karras_sigmas=use_karras_sigmas)
         self.scaling = float(run["diffusion"]["vae_scaling_factor"])
         self._params = None
         self._uncond = None

@@ -141,6 +141,7 @@ def make_generator(workdir: str, config, text_encoder) -> Any:
     return JaxGenerator(
         workdir, text_encoder=text_encoder, scheduler=config.sample.scheduler,
         steps=int(d.sample_steps), guidance=float(d.guidance), batch_size=int(d.sample_batch),
+        use_karras_sigmas=bool(config.sample.use_karras_sigmas),
     )  # fmt: skip
 
 

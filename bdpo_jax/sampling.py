@@ -13,7 +13,8 @@ Stable Diffusion's scheduler configs use. The tables mirror diffusers 0.42:
 schedulers/scheduling_ddim.py (DDIMScheduler, eta 0), scheduling_dpmsolver_multistep.py
 (DPMSolverMultistepScheduler, algorithm_type "dpmsolver++", solver_order 2, solver_type
 "midpoint", lower_order_final, final_sigmas_type "zero") and scheduling_euler_discrete.py
-(EulerDiscreteScheduler, s_churn 0, interpolation "linear"), and the CFG of
+(EulerDiscreteScheduler, s_churn 0, interpolation "linear"), both also with use_karras_sigmas
+(ScheduleConfig.use_karras_sigmas: Karras et al.'s rho = 7 noise levels), and the CFG of
 pipelines/stable_diffusion/pipeline_stable_diffusion.py. tests/test_sampling.py checks them step
 for step against diffusers.
 """
@@ -50,6 +51,9 @@ class ScheduleConfig:
     timestep_spacing: str = "leading"  # 'leading' | 'linspace' | 'trailing'
     steps_offset: int = 1
     set_alpha_to_one: bool = False  # DDIM: alpha_cumprod after the last step (1 or alphas[0])
+    # dpmpp/euler: Karras et al.'s rho = 7 noise levels instead of the spaced timesteps' (most
+    # steps at low noise; the last model call near sigma_min instead of at t ~ T / num_steps)
+    use_karras_sigmas: bool = False
 
     def __post_init__(self):
         if self.prediction_type not in PREDICTION_TYPES:
@@ -76,7 +80,6 @@ _UNSUPPORTED_DIFFUSERS_FIELDS = {
     "clip_sample": False,
     "thresholding": False,
     "rescale_betas_zero_snr": False,
-    "use_karras_sigmas": False,
     "use_exponential_sigmas": False,
     "use_beta_sigmas": False,
     "use_lu_lambdas": False,
@@ -92,6 +95,7 @@ _DIFFUSERS_DEFAULTS = {
     "prediction_type": "epsilon",
     "steps_offset": 0,
     "set_alpha_to_one": True,
+    "use_karras_sigmas": False,
 }
 _LINSPACE_BY_DEFAULT = {
     "DPMSolverMultistepScheduler": "linspace",
@@ -128,10 +132,14 @@ def schedule_config_from_diffusers(config_or_path: Mapping[str, Any] | str) -> S
 
 def schedule_config_from_config(config: Any) -> ScheduleConfig:
     """The ScheduleConfig of a run config: an ml_collections ConfigDict (configs/default.py) or
-    the dict of a workdir's config.json (its diffusion, sample and model sections)."""
+    the dict of a workdir's config.json (its diffusion, sample and model sections). A field
+    that a workdir saved by an older version lacks takes ScheduleConfig's default."""
+    defaults = ScheduleConfig()
 
     def get(section: str, name: str) -> Any:
         part = config[section] if isinstance(config, Mapping) else getattr(config, section)
+        if name not in part:
+            return getattr(defaults, name)
         return part[name] if isinstance(part, Mapping) else getattr(part, name)
 
     return ScheduleConfig(
@@ -143,6 +151,7 @@ def schedule_config_from_config(config: Any) -> ScheduleConfig:
         timestep_spacing=str(get("sample", "timestep_spacing")),
         steps_offset=int(get("sample", "steps_offset")),
         set_alpha_to_one=bool(get("sample", "set_alpha_to_one")),
+        use_karras_sigmas=bool(get("sample", "use_karras_sigmas")),
     )
 
 
@@ -220,6 +229,44 @@ def _timesteps(cfg: ScheduleConfig, num_steps: int, scheduler: str) -> np.ndarra
     return np.round(np.arange(T, 0, -ratio)).astype(np.float64) - 1
 
 
+KARRAS_RHO = 7.0  # Karras et al. (2022), eq. 5; diffusers' _convert_to_karras
+
+
+def _karras_sigmas(sigma_max: float, sigma_min: float, num_steps: int) -> np.ndarray:
+    """`num_steps` noise levels from sigma_max down to sigma_min, evenly spaced in sigma^(1/rho)."""
+    ramp = np.linspace(0, 1, num_steps)
+    hi, lo = sigma_max ** (1 / KARRAS_RHO), sigma_min ** (1 / KARRAS_RHO)
+    return (hi + ramp * (lo - hi)) ** KARRAS_RHO
+
+
+def _sigma_to_t(sigmas: np.ndarray, log_sigmas_T: np.ndarray) -> np.ndarray:
+    """Fractional timestep of each sigma: linear interpolation of log sigma between the two
+    neighbouring training timesteps (diffusers' _sigma_to_t, vectorised)."""
+    log_sigma = np.log(np.maximum(sigmas, 1e-10))
+    low = np.clip(np.searchsorted(log_sigmas_T, log_sigma, side="right") - 1, 0, None)
+    low = np.minimum(low, len(log_sigmas_T) - 2)
+    w = np.clip((log_sigmas_T[low] - log_sigma) / (log_sigmas_T[low] - log_sigmas_T[low + 1]), 0, 1)
+    return (1 - w) * low + w * (low + 1)
+
+
+def _step_sigmas(
+    cfg: ScheduleConfig, ts: np.ndarray, ac: np.ndarray, scheduler: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(model timesteps, sigma per step) of dpmpp/euler: the spaced timesteps and their
+    interpolated sigmas, or with use_karras_sigmas the rho = 7 levels and their timesteps.
+    DPM-Solver++ spans the whole schedule and rounds the timesteps; Euler spans the spaced
+    timesteps' sigmas and keeps fractional ones (diffusers' set_timesteps of each)."""
+    sig_all = np.sqrt((1 - ac) / ac)
+    sig = np.interp(ts, np.arange(len(sig_all)), sig_all)
+    if not cfg.use_karras_sigmas:
+        return ts, sig
+    if scheduler == "dpmpp":
+        sig = _karras_sigmas(sig_all[-1], sig_all[0], len(ts))
+        return np.round(_sigma_to_t(sig, np.log(sig_all))), sig
+    sig = _karras_sigmas(sig[0], sig[-1], len(ts))
+    return _sigma_to_t(sig, np.log(sig_all)), sig
+
+
 def _x0_is_output(n: int) -> tuple[np.ndarray, np.ndarray]:
     """(a, b) of prediction_type 'sample': the model's output is x0 (every diffusers scheduler:
     pred_original_sample = model_output)."""
@@ -246,11 +293,10 @@ def _ddim_table(cfg: ScheduleConfig, ts: np.ndarray, ac: np.ndarray) -> dict[str
     return dict(c_in=np.ones(n), a=a, b=b, p=p, q=q, r=np.zeros(n), init_sigma=1.0)
 
 
-def _dpmpp_table(cfg: ScheduleConfig, ts: np.ndarray, ac: np.ndarray) -> dict[str, np.ndarray]:
+def _dpmpp_table(cfg: ScheduleConfig, sig_steps: np.ndarray) -> dict[str, np.ndarray]:
     """DPMSolverMultistepScheduler, dpmsolver++ order 2 midpoint, lower_order_final, sigma_N = 0."""
-    n = len(ts)
-    sig_all = np.sqrt((1 - ac) / ac)
-    sig = np.concatenate([np.interp(ts, np.arange(len(sig_all)), sig_all), [0.0]])
+    n = len(sig_steps)
+    sig = np.concatenate([sig_steps, [0.0]])
     alpha = 1 / np.sqrt(sig**2 + 1)  # _sigma_to_alpha_sigma_t
     sigma = sig * alpha
     if cfg.prediction_type == "epsilon":
@@ -273,12 +319,10 @@ def _dpmpp_table(cfg: ScheduleConfig, ts: np.ndarray, ac: np.ndarray) -> dict[st
     return dict(c_in=np.ones(n), a=a, b=b, p=p, q=q, r=r, init_sigma=1.0)
 
 
-def _euler_table(cfg: ScheduleConfig, ts: np.ndarray, ac: np.ndarray) -> dict[str, np.ndarray]:
+def _euler_table(cfg: ScheduleConfig, sig_steps: np.ndarray) -> dict[str, np.ndarray]:
     """EulerDiscreteScheduler.step with s_churn 0 (scheduling_euler_discrete.py)."""
-    n = len(ts)
-    sig_all = np.sqrt((1 - ac) / ac)
-    sig = np.interp(ts, np.arange(len(sig_all)), sig_all).astype(np.float32).astype(np.float64)
-    sig = np.concatenate([sig, [0.0]])
+    n = len(sig_steps)
+    sig = np.concatenate([sig_steps.astype(np.float32).astype(np.float64), [0.0]])
     s = sig[:n]
     if cfg.prediction_type == "epsilon":
         a, b = np.ones(n), -s
@@ -297,11 +341,16 @@ def make_sampler_table(
 ) -> SamplerTable:
     """Coefficient table of `scheduler` ('ddim' | 'dpmpp' | 'euler') for `num_steps` steps."""
     cfg = as_schedule_config(schedule_config)
-    builders = {"ddim": _ddim_table, "dpmpp": _dpmpp_table, "euler": _euler_table}
-    if scheduler not in builders:
+    if scheduler not in SCHEDULERS:
         raise ValueError(f"scheduler={scheduler!r} is not supported; choose one of {SCHEDULERS}")
-    ts = _timesteps(cfg, int(num_steps), scheduler)
-    table = builders[scheduler](cfg, ts, _alphas_cumprod(cfg))
+    ts, ac = _timesteps(cfg, int(num_steps), scheduler), _alphas_cumprod(cfg)
+    if scheduler == "ddim":
+        if cfg.use_karras_sigmas:
+            raise ValueError("use_karras_sigmas needs scheduler 'dpmpp' or 'euler' (DDIM has none)")
+        table = _ddim_table(cfg, ts, ac)
+    else:
+        ts, sig = _step_sigmas(cfg, ts, ac, scheduler)
+        table = (_dpmpp_table if scheduler == "dpmpp" else _euler_table)(cfg, sig)
     f32 = {k: jnp.asarray(np.asarray(v, np.float64), jnp.float32) for k, v in table.items()}
     return SamplerTable(timesteps=jnp.asarray(ts, jnp.float32), **f32)
 

@@ -140,5 +140,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.sample.timestep_spacing = "leading"  # 'leading' | 'linspace' | 'trailing' (SD: leading)
     config.sample.steps_offset = 1  # added to 'leading' timesteps (SD scheduler configs: 1)
     config.sample.set_alpha_to_one = False  # DDIM's final alpha_cumprod: 1 or alphas_cumprod[0]
+    # dpmpp/euler: Karras et al.'s noise levels (diffusers' use_karras_sigmas; "DPM++ 2M Karras")
+    config.sample.use_karras_sigmas = False
     config.sample.vae = ""  # VAE for sample grids: folder/hub id ('' = model.pretrained's vae/)
     return config

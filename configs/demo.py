@@ -47,6 +47,10 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.sample.scheduler = "dpmpp"  # DPM-Solver++ 2M: sharper than DDIM at 10 steps
     config.sample.timestep_spacing = "trailing"  # few-step sampling starts at t = 999
+    # "DPM++ 2M Karras": noise levels from t = 999 down to t = 0 (sigma 0.01). The trailing
+    # timesteps alone end at t = 124 (sigma 0.43), so each image was the base's x0 estimate
+    # from that noise level: softer edges, fewer shapes (README: what the base draws)
+    config.sample.use_karras_sigmas = True
 
     d = config.demo = ml_collections.ConfigDict()
     d.seed = 0  # seeds rendering, training, sampling and evaluation
@@ -75,7 +79,7 @@ def get_config() -> ml_collections.ConfigDict:
     # stage 3: on-policy pairs
     d.pair_prompts = 0  # training prompts to sample pairs for (0 = all 72; spread evenly)
     d.pairs_per_prompt = 2  # pairs sampled per prompt (2 images each, different seeds)
-    d.sample_steps = 8  # sampler steps for pair sampling and evaluation
+    d.sample_steps = 12  # sampler steps for pair sampling and evaluation (Karras: 8 lost colour)
     d.guidance = 3.0  # classifier-free guidance scale
     d.sample_batch = 50  # images per sampler call (fixed: one compile)
     # stage 4: DPO runs

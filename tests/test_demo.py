@@ -153,6 +153,28 @@ def test_generator_is_deterministic_per_seed_and_shared_across_models(demo_run):
     assert diff.max() <= 1
 
 
+def test_generator_takes_the_sampler_from_the_config_not_the_workdir(demo_run):
+    """Karras sigmas are an inference choice: `make_generator` applies the config's, and a
+    plain JaxGenerator keeps the one the workdir was trained with."""
+    import copy as copy_module
+
+    from bdpo_demo.generator import JaxGenerator
+    from scorers_torch.encoders import TEXT_ENCODERS
+
+    config, out, _ = demo_run
+    workdir = os.path.join(out, "runs", "base")
+    encoder = TEXT_ENCODERS.build("minilm")
+    assert config.sample.use_karras_sigmas  # the demo's sampler
+    assert JaxGenerator(workdir, text_encoder=encoder).schedule.use_karras_sigmas
+    other = copy_module.deepcopy(config)
+    other.sample.use_karras_sigmas = False
+    plain = pipeline.make_generator(workdir, other, encoder)
+    assert not plain.schedule.use_karras_sigmas
+    karras = pipeline.make_generator(workdir, config, encoder)
+    prompt = world.all_specs()[0].prompt
+    assert not np.allclose(plain.latents([prompt], [3]), karras.latents([prompt], [3]))
+
+
 def test_rerun_repeats_the_tables_exactly(demo_run, tmp_path):
     """The same command and seed on the same machine gives the same table: stages 3-5 of the
     first training seed again (pairs from the base, DPO, evaluation) into a fresh folder."""
