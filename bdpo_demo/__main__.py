@@ -28,6 +28,9 @@ def parse_value(text: str):
         return text
 
 
+BOOL_WORDS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
+
+
 def apply_override(config, item: str) -> None:
     """`--config.a.b=v`: config.a.b = v cast to the field's type; a mistake is a UserError."""
     key, sep, value = item.removeprefix("--config.").partition("=")
@@ -45,6 +48,12 @@ def apply_override(config, item: str) -> None:
         raise schema.UserError(f"--config.{key}: no such config field")
     if node[leaf] is None:
         node[leaf] = value
+        return
+    if isinstance(node[leaf], bool):  # bool("false") would be True
+        flag = BOOL_WORDS.get(value.strip().lower())
+        if flag is None:
+            raise schema.UserError(f"--config.{key}={value}: expected true or false")
+        node[leaf] = flag
         return
     try:
         node[leaf] = type(node[leaf])(parse_value(value))

@@ -23,6 +23,9 @@ def test_overrides_set_typed_fields(demo_main):
     demo_main.apply_override(config, "--config.demo.dpo_steps=7")
     demo_main.apply_override(config, "--config.demo.channels=(8, 8)")
     assert config.demo.dpo_steps == 7 and config.demo.channels == (8, 8)
+    for word, flag in [("false", False), ("True", True), ("0", False), ("yes", True)]:
+        demo_main.apply_override(config, f"--config.sample.use_karras_sigmas={word}")
+        assert config.sample.use_karras_sigmas is flag, word  # bool("false") would be True
 
 
 def test_user_errors_are_one_line_and_exit_2(demo_main, tmp_path, capsys):
@@ -35,6 +38,7 @@ def test_user_errors_are_one_line_and_exit_2(demo_main, tmp_path, capsys):
         "--config.demo.nope": ["--config.demo.nope=1"],
         "--config.nope.seed": ["--config.nope.seed=1"],
         "--config.demo.dpo_steps=many": ["--config.demo.dpo_steps=many"],
+        "--config.sample.use_karras_sigmas=maybe": ["--config.sample.use_karras_sigmas=maybe"],
         f"--out {a_file / 'out'}": ["--out", str(a_file / "out")],
     }
     for culprit, args in cases.items():
