@@ -18,6 +18,7 @@ from typing import Any
 
 import pandas as pd
 
+from bdpo_demo import report
 from bdpo_jax import schema
 
 PROG = "python -m bdpo_demo.changes"
@@ -34,6 +35,7 @@ def paired_changes(scores: pd.DataFrame, base: str = BASE) -> dict[str, dict[str
     if base not in wide.index.get_level_values("model"):
         raise ValueError(f"no images of the base model {base!r} among the scores")
     base_scores = wide.loc[base]
+    metrics = list(dict.fromkeys(scores["metric"]))  # the evaluation's order
     out: dict[str, dict[str, dict]] = {}
     for run in dict.fromkeys(scores["model"]):
         if run == base:
@@ -46,7 +48,7 @@ def paired_changes(scores: pd.DataFrame, base: str = BASE) -> dict[str, dict[str
                 "mean_change": float(delta[metric].mean()),
                 "images": int(delta[metric].notna().sum()),
             }
-            for metric in dict.fromkeys(scores["metric"])  # the evaluation's order
+            for metric in metrics
         }
     return out
 
@@ -77,10 +79,9 @@ def seed_scores(out: str) -> dict[int, str]:
         )
     with open(summary_path) as f:
         summary = json.load(f)
-    first = int(summary["seed"])
     paths = {}
     for seed in summary["train_seeds"]:
-        folder = out if int(seed) == first else os.path.join(out, f"seed_{seed}")
+        folder = report.seed_folder(out, int(summary["seed"]), int(seed))
         path = os.path.join(folder, "eval", "scores.parquet")
         if not os.path.isfile(path):
             raise schema.UserError(f"{path} is missing (training seed {seed} of {summary_path})")

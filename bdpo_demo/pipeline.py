@@ -129,9 +129,8 @@ def train_seeds(config) -> list[int]:
 
 
 def seed_dir(out: str, config, seed: int) -> str:
-    """Where one training seed's pairs, DPO runs and evaluation go: OUT for the first seed
-    (the layout of a one-seed run), OUT/seed_<seed> for the others."""
-    return out if seed == int(config.demo.seed) else os.path.join(out, f"seed_{seed}")
+    """Where one training seed's pairs, DPO runs and evaluation go (report.seed_folder)."""
+    return report.seed_folder(out, int(config.demo.seed), seed)
 
 
 def make_generator(workdir: str, config, text_encoder) -> Any:

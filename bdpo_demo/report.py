@@ -30,6 +30,12 @@ TABLE_KEYS = ("train_seeds", "eval", "sft_counts", "pair_counts", "winrates_vs_b
 BASE_TOLERANCE = 0.15
 
 
+def seed_folder(out: str, first_seed: int, seed: int) -> str:
+    """The output folder of one training seed's pairs, DPO runs and evaluation: OUT for the
+    first seed (the layout of a one-seed run), OUT/seed_<seed> for the others."""
+    return out if seed == first_seed else os.path.join(out, f"seed_{seed}")
+
+
 def cell_dict(result: winrate.PairResult) -> dict[str, Any]:
     """One cell of one seed as plain JSON values (rates as fractions)."""
     low, high = result.win_interval

@@ -132,14 +132,13 @@ def schedule_config_from_diffusers(config_or_path: Mapping[str, Any] | str) -> S
 
 def schedule_config_from_config(config: Any) -> ScheduleConfig:
     """The ScheduleConfig of a run config: an ml_collections ConfigDict (configs/default.py) or
-    the dict of a workdir's config.json (its diffusion, sample and model sections). A field
-    that a workdir saved by an older version lacks takes ScheduleConfig's default."""
-    defaults = ScheduleConfig()
+    the dict of a workdir's config.json (its diffusion, sample and model sections).
+    use_karras_sigmas, which workdirs saved before it existed lack, defaults to False."""
 
-    def get(section: str, name: str) -> Any:
+    def get(section: str, name: str, *default: Any) -> Any:
         part = config[section] if isinstance(config, Mapping) else getattr(config, section)
-        if name not in part:
-            return getattr(defaults, name)
+        if default and name not in part:
+            return default[0]
         return part[name] if isinstance(part, Mapping) else getattr(part, name)
 
     return ScheduleConfig(
@@ -151,7 +150,7 @@ def schedule_config_from_config(config: Any) -> ScheduleConfig:
         timestep_spacing=str(get("sample", "timestep_spacing")),
         steps_offset=int(get("sample", "steps_offset")),
         set_alpha_to_one=bool(get("sample", "set_alpha_to_one")),
-        use_karras_sigmas=bool(get("sample", "use_karras_sigmas")),
+        use_karras_sigmas=bool(get("sample", "use_karras_sigmas", False)),
     )
 
 

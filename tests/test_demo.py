@@ -156,8 +156,6 @@ def test_generator_is_deterministic_per_seed_and_shared_across_models(demo_run):
 def test_generator_takes_the_sampler_from_the_config_not_the_workdir(demo_run):
     """Karras sigmas are an inference choice: `make_generator` applies the config's, and a
     plain JaxGenerator keeps the one the workdir was trained with."""
-    import copy as copy_module
-
     from bdpo_demo.generator import JaxGenerator
     from scorers_torch.encoders import TEXT_ENCODERS
 
@@ -166,7 +164,7 @@ def test_generator_takes_the_sampler_from_the_config_not_the_workdir(demo_run):
     encoder = TEXT_ENCODERS.build("minilm")
     assert config.sample.use_karras_sigmas  # the demo's sampler
     assert JaxGenerator(workdir, text_encoder=encoder).schedule.use_karras_sigmas
-    other = copy_module.deepcopy(config)
+    other = copy.deepcopy(config)
     other.sample.use_karras_sigmas = False
     plain = pipeline.make_generator(workdir, other, encoder)
     assert not plain.schedule.use_karras_sigmas
