@@ -77,8 +77,14 @@ def seed_scores(out: str) -> dict[int, str]:
         raise schema.UserError(
             f"{summary_path} is missing (not a python -m bdpo_demo --out folder?)"
         )
-    with open(summary_path) as f:
-        summary = json.load(f)
+    try:
+        with open(summary_path) as f:
+            summary = json.load(f)
+    except json.JSONDecodeError as error:
+        raise schema.UserError(f"{summary_path}: not JSON ({error})") from None
+    missing = [k for k in ("seed", "train_seeds") if k not in summary]
+    if missing:
+        raise schema.UserError(f"{summary_path} has no field {missing[0]!r} (not a demo summary?)")
     paths = {}
     for seed in summary["train_seeds"]:
         folder = report.seed_folder(out, int(summary["seed"]), int(seed))

@@ -63,3 +63,9 @@ def test_cli_reads_every_training_seed_and_errors_in_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         changes.main([str(tmp_path / "nowhere")])
     assert "summary.json is missing" in capsys.readouterr().err
+    for text, culprit in [("{", "not JSON"), ('{"seed": 3}', "no field 'train_seeds'")]:
+        (out / "summary.json").write_text(text)
+        with pytest.raises(SystemExit):
+            changes.main([str(out)])
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and culprit in err and "summary.json" in err, err
