@@ -133,7 +133,8 @@ def schedule_config_from_diffusers(config_or_path: Mapping[str, Any] | str) -> S
 def schedule_config_from_config(config: Any) -> ScheduleConfig:
     """The ScheduleConfig of a run config: an ml_collections ConfigDict (configs/default.py) or
     the dict of a workdir's config.json (its diffusion, sample and model sections).
-    use_karras_sigmas, which workdirs saved before it existed lack, defaults to False."""
+    use_karras_sigmas, which workdirs saved before it existed lack, takes ScheduleConfig's
+    default."""
 
     def get(section: str, name: str, *default: Any) -> Any:
         part = config[section] if isinstance(config, Mapping) else getattr(config, section)
@@ -150,7 +151,9 @@ def schedule_config_from_config(config: Any) -> ScheduleConfig:
         timestep_spacing=str(get("sample", "timestep_spacing")),
         steps_offset=int(get("sample", "steps_offset")),
         set_alpha_to_one=bool(get("sample", "set_alpha_to_one")),
-        use_karras_sigmas=bool(get("sample", "use_karras_sigmas", False)),
+        use_karras_sigmas=bool(
+            get("sample", "use_karras_sigmas", ScheduleConfig.use_karras_sigmas)
+        ),
     )
 
 
