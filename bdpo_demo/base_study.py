@@ -8,7 +8,8 @@ Renders and preprocesses the SFT data (stage 1), trains the base (stage 2, the s
 `pipeline.stage_base` as `make demo`; `--base WORKDIR` skips both and studies that trained
 base), samples `--samples` images per held-out evaluation prompt with the demo's sampler and
 prints and writes (OUT/base_study.json) the base's mean score per measure beside the flawed
-renders' (the issue 11 criterion: within 15%). It also asks the base for its one-call x0
+renders' (the issue 11 criterion: within 15%), and draws 16 of its samples with their scores
+(OUT/base_samples.png). It also asks the base for its one-call x0
 estimate of clean renders noised to a few timesteps (`x0_errors`): a base that cannot draw an
 edge even from a nearly clean input shows it there. The README's table of base recipes was
 measured with it; each row is one set of `--config.` overrides.
@@ -25,24 +26,89 @@ import numpy as np
 
 from bdpo_demo import measures, model, pipeline, report, world
 from bdpo_demo.__main__ import apply_override, check_out
-from bdpo_jax import checkpointing, schema
+from bdpo_jax import checkpointing, grids, schema
 
 PROG = "python -m bdpo_demo.base_study"
 PROBE_TIMESTEPS = (10, 50, 124, 249, 499)  # 124: the last step of 8 trailing (no Karras)
+SAMPLE_GRID_FILE = "base_samples.png"  # OUT/: base samples with their scores
+GRID_PROMPTS = 16
+GRID_SCALE = 4
+BORDER_PX = 2  # the image's outer ring that `border_distance` reads
+OFF_BACKGROUND = 0.1  # RGB distance of that ring from the background: the base lost it
 
 
-def sample_means(config, generator, samples: int) -> dict[str, float]:
-    """Mean score per measure of `samples` base images (`generator`: the base's
-    `pipeline.make_generator`) per held-out evaluation prompt."""
+def sample_scores(config, generator, samples: int) -> tuple[list[str], np.ndarray, dict]:
+    """(prompts, images [N, H, W, 3] in [0, 1], {measure: [N] scores}) of `samples` base
+    images (`generator`: the base's `pipeline.make_generator`) per held-out evaluation
+    prompt."""
     prompts = [p for p in pipeline.eval_prompts(config) for _ in range(samples)]
     first = 1000 * (int(config.demo.seed) + 1)  # apart from the evaluation's seed * 1000 + i
     seeds = [first + i for i in range(len(prompts))]
-    images = [np.asarray(im, np.float32) / 255.0 for im in generator.generate(prompts, seeds)]
+    images = np.stack(
+        [np.asarray(im, np.float32) / 255.0 for im in generator.generate(prompts, seeds)]
+    )
     specs = [world.parse_prompt(p) for p in prompts]
-    return {
-        name: float(np.mean([fn(im, spec) for im, spec in zip(images, specs, strict=True)]))
+    scores = {
+        name: np.array([fn(im, spec) for im, spec in zip(images, specs, strict=True)])
         for name, fn in measures.MEASURES.items()
     }
+    return prompts, images, scores
+
+
+def border_distance(image_HxWx3: np.ndarray, spec: world.Spec) -> float:
+    """Mean RGB distance of the image's outer BORDER_PX pixels from the prompt's background
+    (objects barely reach it: perfect renders score at most 0.02, flawed ones 0.05; uniform
+    noise scores ~0.5: an image drawn over its background lies far above OFF_BACKGROUND)."""
+    ring = np.ones(image_HxWx3.shape[:2], bool)
+    ring[BORDER_PX:-BORDER_PX, BORDER_PX:-BORDER_PX] = False
+    background = np.asarray(world.BACKGROUNDS[spec.background])
+    return float(np.linalg.norm(image_HxWx3[ring] - background, axis=-1).mean())
+
+
+def by_background(prompts, images_NxHxWx3, scores) -> dict[str, dict[str, float]]:
+    """Per background colour of the prompt: images, mean score per measure and the share of
+    images off their background (`border_distance` > OFF_BACKGROUND). Means over all
+    backgrounds can hide a base that draws only noise on one of them."""
+    specs = [world.parse_prompt(p) for p in prompts]
+    names = np.array([s.background for s in specs])
+    off = np.array([border_distance(im, s) for im, s in zip(images_NxHxWx3, specs, strict=True)])
+    rows = {}
+    for name in world.BACKGROUNDS:
+        mask = names == name
+        if mask.any():
+            rows[name] = {"images": int(mask.sum())}
+            rows[name].update({m: float(np.mean(v[mask])) for m, v in scores.items()})
+            rows[name]["off_background"] = float(np.mean(off[mask] > OFF_BACKGROUND))
+    return rows
+
+
+def background_table(rows: dict[str, dict[str, float]]) -> str:
+    """`by_background` as a markdown table."""
+    measures_ = list(measures.MEASURES)
+    lines = [
+        "| background | images | " + " | ".join(measures_) + " | off background |",
+        "|---" * (len(measures_) + 3) + "|",
+    ]
+    for name, row in rows.items():
+        cells = [f"{row[m]:.3f}" for m in measures_]
+        lines.append(f"| {name} | {row['images']} | " + " | ".join(cells)
+                     + f" | {100 * row['off_background']:.0f}% |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def write_sample_grid(path: str, prompts, images_NxHxWx3, scores, samples: int) -> None:
+    """The first image of GRID_PROMPTS held-out prompts spread evenly over their list
+    (colours, shapes and backgrounds mixed), enlarged GRID_SCALE x without smoothing, each
+    with its prompt and scores."""
+    count = len(prompts) // samples
+    spread = np.unique(np.linspace(0, count - 1, min(GRID_PROMPTS, count)).round().astype(int))
+    picks = [int(i) * samples for i in spread]
+    captions = [
+        f"{prompts[i].removeprefix('a ')}: "
+        + " ".join(f"{pipeline.GRID_LABELS[name]} {scores[name][i]:.2f}" for name in scores)
+        for i in picks
+    ]
+    grids.write_grid(images_NxHxWx3[picks], captions, path, ncols=4, upscale=GRID_SCALE)
 
 
 def x0_errors(generator, timesteps=PROBE_TIMESTEPS, seed: int = 0) -> dict[str, dict]:
@@ -63,7 +129,9 @@ def x0_errors(generator, timesteps=PROBE_TIMESTEPS, seed: int = 0) -> dict[str, 
     )
     specs = world.split_specs()[0]
     renders = np.stack([world.render(s) for s in specs])  # [N, 32, 32, 3] in [0, 1]
-    x0 = model.pixel_unshuffle(renders.transpose(0, 3, 1, 2) * 2.0 - 1.0) * generator.scaling
+    fold = int(round(np.sqrt(int(generator.unet_cfg["in_channels"]) / 3)))
+    x0 = model.images_to_latents(renders.transpose(0, 3, 1, 2) * 2.0 - 1.0, fold)
+    x0 = x0 * generator.scaling
     text = generator.text_encoder.encode([s.prompt for s in specs])["text_embeds"]
     text = jnp.asarray(np.asarray(text, np.float32))
     apply = jax.jit(lambda x, t: unet.apply({"params": params}, x, t, text))
@@ -117,9 +185,7 @@ def study(config, out: str, samples: int, base: str = "") -> dict:
     os.makedirs(out, exist_ok=True)
     t0 = time.perf_counter()
     if not base:
-        unet_config = model.write_unet_config(
-            os.path.join(out, "unet_config.json"), tuple(config.demo.channels)
-        )
+        unet_config = pipeline.write_unet_config(config, out)
         pipeline.stage_world(config, out)
         base = pipeline.stage_base(config, out, unet_config)
     train_s = time.perf_counter() - t0
@@ -128,13 +194,16 @@ def study(config, out: str, samples: int, base: str = "") -> dict:
         prompts, float(config.demo.flaw_rate), samples, int(config.demo.seed)
     )
     generator = pipeline.make_generator(base, config, TEXT_ENCODERS.build("minilm"))
-    means["base_samples"] = sample_means(config, generator, samples)
+    sample_prompts, images, scores = sample_scores(config, generator, samples)
+    means["base_samples"] = {name: float(np.mean(v)) for name, v in scores.items()}
+    write_sample_grid(os.path.join(out, SAMPLE_GRID_FILE), sample_prompts, images, scores, samples)
     result = {
         "base": base,
         "samples_per_prompt": samples,
         "held_out_prompts": len(prompts),
         "stages_1_2_seconds": round(train_s, 1),
         "base_vs_renders": report.base_vs_renders(means),
+        "by_background": by_background(sample_prompts, images, scores),
         "x0_errors": x0_errors(generator),
     }
     with open(os.path.join(out, "base_study.json"), "w") as f:
@@ -166,6 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
         check_out(args.out)
         result = study(config, args.out, args.samples, args.base)
         print(report.base_table(result), flush=True)
+        print("\nBase samples per background\n\n" + background_table(result["by_background"]))
         print("\n" + x0_table(result["x0_errors"]), flush=True)
         return result
 

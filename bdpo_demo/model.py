@@ -7,6 +7,10 @@ and the world's 32 px objects are drawn by a wider network (`--latent-encoder pi
 registered in bdpo_demo.plugins). The first level is a plain DownBlock2D/UpBlock2D; attention
 runs at the lower levels. The dict is a complete diffusers config.json:
 `diffusers.UNet2DConditionModel.from_config` builds the same network.
+
+`config.demo.pixel_fold = 1` keeps plain RGB at 32x32 (the generic identity encoder) and
+`config.demo.plain_levels` sets how many levels, from the first, have no attention: the
+full-resolution variants the README's base study compares.
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ from typing import Any
 
 import numpy as np
 
+from bdpo_demo import world
 from bdpo_jax.models import presets
 
 FACTOR = 2  # pixels folded into channels per side
 LATENT_ENCODER = "pixel_unshuffle"  # its name for the preprocessing CLI
+NORM_GROUPS = 8  # GroupNorm groups of every level
 
 
 def pixel_unshuffle(x_NxCxHxW: np.ndarray, factor: int = FACTOR) -> np.ndarray:
@@ -58,36 +64,69 @@ def latents_to_images(x_NxCxHxW: np.ndarray) -> np.ndarray:
 def demo_unet_config(
     channels: Sequence[int] = (32, 64, 64),
     *,
+    fold: int = FACTOR,
+    plain_levels: int = 1,
     cross_attention_dim: int = 384,
-    sample_size: int = 32 // FACTOR,
-    in_channels: int = 3 * FACTOR**2,
     heads: int = 4,
 ) -> dict[str, Any]:
-    """diffusers config dict of the demo UNet (unshuffled RGB in and out, MiniLM-width
-    conditioning)."""
+    """diffusers config dict of the demo UNet: RGB folded `fold` x `fold` into channels in and
+    out (`fold` 1: plain RGB at 32x32), MiniLM-width conditioning, the first `plain_levels`
+    levels (from the full-resolution one) without attention."""
     levels = len(channels)
     if levels < 2:
         raise ValueError(f"channels={tuple(channels)}: the demo UNet needs at least 2 levels")
+    if not 0 <= plain_levels < levels:
+        raise ValueError(
+            f"plain_levels={plain_levels}: need 0 <= plain_levels < {levels} (the number of "
+            "levels in channels): text reaches the UNet only through attention levels"
+        )
+    if any(int(c) % NORM_GROUPS for c in channels):
+        raise ValueError(
+            f"channels={tuple(channels)}: each must be a multiple of {NORM_GROUPS} "
+            "(GroupNorm's groups)"
+        )
+    latent_encoder_name(fold)  # checks fold
+    in_channels = 3 * fold**2
     return presets.complete_config(
         {
-            "sample_size": sample_size,
+            "sample_size": world.IMAGE_SIZE // fold,
             "in_channels": in_channels,
             "out_channels": in_channels,
             "block_out_channels": [int(c) for c in channels],
             "layers_per_block": 1,
-            "norm_num_groups": 8,
+            "norm_num_groups": NORM_GROUPS,
             "cross_attention_dim": cross_attention_dim,
             "attention_head_dim": heads,  # diffusers' SD1.5 naming: the number of heads
-            "down_block_types": ["DownBlock2D"] + ["CrossAttnDownBlock2D"] * (levels - 1),
-            "up_block_types": ["CrossAttnUpBlock2D"] * (levels - 1) + ["UpBlock2D"],
+            "down_block_types": ["DownBlock2D"] * plain_levels
+            + ["CrossAttnDownBlock2D"] * (levels - plain_levels),
+            "up_block_types": ["CrossAttnUpBlock2D"] * (levels - plain_levels)
+            + ["UpBlock2D"] * plain_levels,
             "mid_block_type": "UNetMidBlock2DCrossAttn",
         }
     )
 
 
-def write_unet_config(path: str, channels: Sequence[int] = (32, 64, 64)) -> str:
+def write_unet_config(
+    path: str, channels: Sequence[int] = (32, 64, 64), fold: int = FACTOR, plain_levels: int = 1
+) -> str:
     """Writes the demo UNet's config.json to `path` (for config.model.unet_config)."""
+    config = demo_unet_config(channels, fold=fold, plain_levels=plain_levels)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
-        json.dump(demo_unet_config(channels), f, indent=1)
+        json.dump(config, f, indent=1)
     return path
+
+
+def latent_encoder_name(fold: int) -> str:
+    """The preprocessing CLI's --latent-encoder for images folded `fold` x `fold` (1: the
+    generic identity encoder, FACTOR: this module's unshuffle)."""
+    names = {1: "identity", FACTOR: LATENT_ENCODER}
+    if fold not in names:
+        raise ValueError(f"fold={fold}: the demo folds pixels by one of {sorted(names)}")
+    return names[fold]
+
+
+def images_to_latents(images_Nx3xHxW: np.ndarray, fold: int) -> np.ndarray:
+    """RGB [N, 3, H, W] in [-1, 1] -> the demo UNet's latents for `fold` (what the latent
+    encoder of `latent_encoder_name(fold)` writes)."""
+    return pixel_unshuffle(images_Nx3xHxW, fold) if fold > 1 else np.asarray(images_Nx3xHxW)

@@ -56,15 +56,17 @@ def parse_run(entry: str) -> tuple[str, dict[str, Any]]:
     return name, {"mode": mode, "scorer": scorer, "ref": ref, "lora": lora}
 
 
-def preprocess(jsonl: str, out: str, batch_size: int = 64) -> dict:
-    """The real preprocessing CLI on a generic pair file; returns its manifest."""
+def preprocess(jsonl: str, out: str, fold: int, batch_size: int = 64) -> dict:
+    """The real preprocessing CLI on a generic pair file (latents: pixels folded `fold` x
+    `fold`); returns its manifest."""
     from scorers_torch import preprocess as cli
 
     return cli.main(
         [
             "--input", jsonl, "--format", "generic", "--out", out,
             "--base-model", "demo-world", "--text-encoder", "minilm",
-            "--latent-encoder", model.LATENT_ENCODER, "--scorers", ",".join(SCORER_NAMES),
+            "--latent-encoder", model.latent_encoder_name(fold),
+            "--scorers", ",".join(SCORER_NAMES),
             "--plugins", PLUGINS, "--resolution", str(world.IMAGE_SIZE),
             "--tie-policy", "keep", "--batch-size", str(batch_size), "--device", "cpu",
         ]
@@ -151,13 +153,22 @@ def _timed(timings: dict, name: str, fn: Callable[[], Any]) -> Any:
     return result
 
 
+def write_unet_config(config, out: str) -> str:
+    """OUT/unet_config.json of config.demo's UNet (channels, pixel fold, plain levels)."""
+    d = config.demo
+    return model.write_unet_config(
+        os.path.join(out, "unet_config.json"), tuple(d.channels), int(d.pixel_fold),
+        int(d.plain_levels),
+    )  # fmt: skip
+
+
 def stage_world(config, out: str) -> dict:
     d = config.demo
     rate = float(d.flaw_rate)
     rates = world.FlawRates(colour=rate, shape=rate, position=rate, blur=rate)
     jsonl = pairs.write_sft_file(os.path.join(out, "data", "sft"), int(d.sft_per_prompt), rates,
                                  int(d.seed), world.split_specs()[0])  # fmt: skip
-    return preprocess(jsonl, os.path.join(out, "shards", "sft"))
+    return preprocess(jsonl, os.path.join(out, "shards", "sft"), int(d.pixel_fold))
 
 
 def stage_base(config, out: str, unet_config: str) -> str:
@@ -194,7 +205,7 @@ def stage_pairs(config, out: str, base: str, text_encoder, seed: int) -> dict:
     jsonl = pairs.write_pair_file(
         os.path.join(out, "data", "pairs"), prompts, images[:n], images[n:], "pairs.jsonl"
     )
-    return preprocess(jsonl, os.path.join(out, "shards", "pairs"))
+    return preprocess(jsonl, os.path.join(out, "shards", "pairs"), int(d.pixel_fold))
 
 
 def stage_dpo(
@@ -296,9 +307,7 @@ def run(
         jax.config.update("jax_compilation_cache_dir", os.path.join(out, "jax_cache"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     timings: dict[str, float] = {}
-    unet_config = model.write_unet_config(
-        os.path.join(out, "unet_config.json"), tuple(config.demo.channels)
-    )
+    unet_config = write_unet_config(config, out)
     text_encoder = TEXT_ENCODERS.build("minilm")
 
     banner("stage 1: world -> flawed renders -> preprocessing CLI -> shards/sft")

@@ -1,12 +1,14 @@
 """python -m bdpo_demo: flag mistakes and an unwritable --out are one line and exit code 2."""
 
 import importlib
+import json
 import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 
 @pytest.fixture
@@ -72,8 +74,15 @@ def test_base_study_reports_base_and_render_means_at_ci_size(demo_main, tmp_path
         want = (row["base_samples"] - row["flawed_renders"]) / abs(row["flawed_renders"])
         assert row["relative_difference"] == pytest.approx(want)
     assert os.path.isfile(os.path.join(out, "base_study.json"))
+    with Image.open(os.path.join(out, base_study.SAMPLE_GRID_FILE)) as grid:
+        # 3 prompts of 32 px enlarged 4x side by side, captions below
+        assert grid.width >= 3 * 32 * base_study.GRID_SCALE
+        assert grid.height > 32 * base_study.GRID_SCALE
+    by_background = result["by_background"]
+    assert sum(row["images"] for row in by_background.values()) == 3
+    assert all(0 <= row["off_background"] <= 1 for row in by_background.values())
     printed = capsys.readouterr().out
-    assert "| colour |" in printed and "| 124 |" in printed
+    assert "| colour |" in printed and "| 124 |" in printed and "off background" in printed
     # the x0 probe: the noisy input's mse is the noise's, (1 - abar_t) / abar_t, by hand
     errors = result["x0_errors"]
     abar = _linear_alphas_cumprod()
@@ -88,6 +97,13 @@ def test_base_study_reports_base_and_render_means_at_ci_size(demo_main, tmp_path
     assert again["x0_errors"] == errors
     assert again["base_vs_renders"] == rows
     assert not os.path.exists(tmp_path / "again" / "shards")
+    # full resolution: RGB latents at 32x32 through the identity encoder, the same study
+    full = base_study.main(["--out", str(tmp_path / "full"), "--ci", "--samples", "1",
+                            "--config.demo.eval_prompts=3",
+                            "--config.demo.pixel_fold=1"])  # fmt: skip
+    with open(os.path.join(full["base"], "unet_config.json")) as f:
+        assert json.load(f)["in_channels"] == 3
+    assert full["x0_errors"]["clean_sharpness"] == errors["clean_sharpness"]  # same renders
     for args, culprit in [
         (["--samples", "0"], "--samples 0: need at least one image"),
         (["--base", str(tmp_path / "none")], f"--base {tmp_path / 'none'}: not a trained"),

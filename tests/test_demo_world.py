@@ -211,6 +211,49 @@ def test_demo_unet_config_builds_the_same_network_in_diffusers_and_flax():
 
 
 @pytest.mark.torch
+def test_full_resolution_demo_unet_has_plain_levels_and_matches_diffusers():
+    diffusers = pytest.importorskip("diffusers")
+    import jax
+
+    from bdpo_jax.models import UNet2DConditionModel
+
+    cfg = model.demo_unet_config((8, 16, 16), fold=1, plain_levels=2, cross_attention_dim=24)
+    assert (cfg["in_channels"], cfg["out_channels"], cfg["sample_size"]) == (3, 3, 32)
+    assert cfg["down_block_types"] == ["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"]
+    assert cfg["up_block_types"] == ["CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"]
+    torch_model = diffusers.UNet2DConditionModel.from_config(cfg)
+    shapes = jax.eval_shape(
+        UNet2DConditionModel.from_config(cfg).init, jax.random.PRNGKey(0),
+        np.zeros((1, 3, 32, 32), np.float32), np.zeros((1,), np.float32),
+        np.zeros((1, 4, 24), np.float32),
+    )  # fmt: skip
+    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+    assert count == sum(p.numel() for p in torch_model.parameters())
+    no_attention = model.demo_unet_config((8, 16, 16), plain_levels=0)
+    assert no_attention["down_block_types"][0] == "CrossAttnDownBlock2D"
+    with pytest.raises(ValueError, match="plain_levels=3"):
+        model.demo_unet_config((8, 16, 16), plain_levels=3)  # no level left to read the text
+    with pytest.raises(ValueError, match="fold=3"):
+        model.demo_unet_config((8, 16, 16), fold=3)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        model.demo_unet_config((4, 16, 16))  # GroupNorm's 8 groups
+
+
+@pytest.mark.torch
+def test_each_fold_has_an_encoder_that_writes_the_latents_the_study_builds():
+    from bdpo_demo import plugins  # noqa: F401  (registers the unshuffle encoder)
+    from scorers_torch.encoders import LATENT_ENCODERS
+
+    images = np.random.default_rng(1).uniform(-1, 1, (2, 3, 32, 32)).astype(np.float32)
+    for fold, channels in ((1, 3), (2, 12)):
+        moments = LATENT_ENCODERS.build(model.latent_encoder_name(fold)).encode(images)
+        latents = model.images_to_latents(images, fold)
+        assert latents.shape == (2, channels, 32 // fold, 32 // fold)
+        np.testing.assert_array_equal(moments[:, 0], latents)
+        np.testing.assert_array_equal(model.latents_to_images(latents), images)
+
+
+@pytest.mark.torch
 def test_pixel_unshuffle_matches_torch_and_round_trips_through_the_encoder_and_generator():
     torch = pytest.importorskip("torch")
 
@@ -232,3 +275,28 @@ def test_pixel_unshuffle_matches_torch_and_round_trips_through_the_encoder_and_g
         model.latents_to_images(np.zeros((1, 5, 4, 4), np.float32))
     with pytest.raises(ValueError, match="not a multiple of 2"):
         model.pixel_unshuffle(np.zeros((1, 3, 5, 4), np.float32))
+
+
+def test_border_distance_keeps_renders_on_their_background_and_flags_noise():
+    from bdpo_demo import base_study
+
+    rng = np.random.default_rng(0)
+    specs = world.all_specs()
+    rates = world.FlawRates()
+    flawed = [base_study.border_distance(world.render_flawed(s, rates, rng), s) for s in specs]
+    assert max(flawed) < base_study.OFF_BACKGROUND / 2
+    spec = specs[0]
+    noise = rng.uniform(0, 1, (32, 32, 3))
+    assert base_study.border_distance(noise, spec) > 3 * base_study.OFF_BACKGROUND
+    # by hand: only the outer 2-pixel ring counts, at its RGB distance from the background
+    image = np.broadcast_to(np.asarray(world.BACKGROUNDS[spec.background]), (32, 32, 3)).copy()
+    image[5:27, 5:27] = 0.0 if spec.background != "black" else 1.0  # inside: ignored
+    assert base_study.border_distance(image, spec) == pytest.approx(0.0)
+    image[0, :] += 0.3  # one row of the ring: 32 of its 240 pixels, each 0.3 * sqrt(3) away
+    want = 32 / 240 * 0.3 * np.sqrt(3)
+    assert base_study.border_distance(image, spec) == pytest.approx(want)
+    scores = {"sharpness": np.array([0.1, 0.3])}
+    rows = base_study.by_background([spec.prompt, spec.prompt], np.stack([image, noise]), scores)
+    assert rows == {
+        spec.background: {"images": 2, "sharpness": pytest.approx(0.2), "off_background": 0.5}
+    }
