@@ -129,7 +129,7 @@ def x0_errors(generator, timesteps=PROBE_TIMESTEPS, seed: int = 0) -> dict[str, 
     )
     specs = world.split_specs()[0]
     renders = np.stack([world.render(s) for s in specs])  # [N, 32, 32, 3] in [0, 1]
-    fold = int(round(np.sqrt(int(generator.unet_cfg["in_channels"]) / 3)))
+    fold = model.fold_of(int(generator.unet_cfg["in_channels"]))
     x0 = model.images_to_latents(renders.transpose(0, 3, 1, 2) * 2.0 - 1.0, fold)
     x0 = x0 * generator.scaling
     text = generator.text_encoder.encode([s.prompt for s in specs])["text_embeds"]

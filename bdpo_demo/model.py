@@ -49,16 +49,19 @@ def pixel_shuffle(x_NxCxHxW: np.ndarray, factor: int = FACTOR) -> np.ndarray:
     return cells.transpose(0, 1, 4, 2, 5, 3).reshape(n, c // factor**2, h * factor, w * factor)
 
 
+def fold_of(channels: int) -> int:
+    """The pixel fold f of latents with `channels` = 3 f^2 channels (1: plain RGB)."""
+    factor = int(round(np.sqrt(channels / 3)))
+    if factor < 1 or 3 * factor**2 != channels:
+        raise ValueError(f"{channels} latent channels are neither RGB nor unshuffled RGB")
+    return factor
+
+
 def latents_to_images(x_NxCxHxW: np.ndarray) -> np.ndarray:
     """The demo UNet's sample -> RGB in [-1, 1] (unclipped): 3 channels are pixels already,
     3 f^2 channels are unshuffled pixels."""
-    channels = x_NxCxHxW.shape[1]
-    if channels == 3:
-        return x_NxCxHxW
-    factor = int(round(np.sqrt(channels / 3)))
-    if 3 * factor**2 != channels:
-        raise ValueError(f"{channels} latent channels are neither RGB nor unshuffled RGB")
-    return pixel_shuffle(x_NxCxHxW, factor)
+    factor = fold_of(x_NxCxHxW.shape[1])
+    return x_NxCxHxW if factor == 1 else pixel_shuffle(x_NxCxHxW, factor)
 
 
 def demo_unet_config(
