@@ -32,12 +32,15 @@ sys.path.insert(0, REPO)
 
 from bdpo_demo import model as demo_model  # noqa: E402
 from bench import common  # noqa: E402
+from configs import demo  # noqa: E402
+
+DEMO = demo.get_config().demo  # the demo's UNet: channels, pixel fold, plain levels
 
 # name -> (unet overrides or "demo", latent channels, latent side, text shape, pairs per step)
 CONFIGS = {
     "tiny": ({}, 4, 8, (8, 32), 8),
     "small": (common.SMALL_UNET, 4, 16, (16, 64), 4),
-    "demo": ("demo", 3 * demo_model.FACTOR**2, 32 // demo_model.FACTOR, (16, 384), 8),
+    "demo": ("demo", 3 * DEMO.pixel_fold**2, 32 // DEMO.pixel_fold, (16, 384), 8),
 }
 BETA = 500.0
 
@@ -47,10 +50,10 @@ def _unet_config(name: str) -> dict:
 
     overrides, channels, side, text_shape, _ = CONFIGS[name]
     if overrides == "demo":
-        from bdpo_demo.model import demo_unet_config
-        from configs import demo
-
-        return demo_unet_config(demo.get_config().demo.channels, cross_attention_dim=text_shape[1])
+        return demo_model.demo_unet_config(
+            DEMO.channels, fold=DEMO.pixel_fold, plain_levels=DEMO.plain_levels,
+            cross_attention_dim=text_shape[1],
+        )  # fmt: skip
     cfg = presets.tiny_unet_config("sd15", sample_size=side, cross_attention_dim=text_shape[1])
     cfg.update(overrides)
     return cfg

@@ -58,7 +58,8 @@ def bench_config(name: str) -> tuple[dict, int, int]:
         from configs import demo
 
         d = demo.get_config().demo
-        return demo_unet_config(d.channels), 16, int(d.base_batch)
+        cfg = demo_unet_config(d.channels, fold=d.pixel_fold, plain_levels=d.plain_levels)
+        return cfg, 16, int(d.base_batch)
     raise SystemExit(f"--configs: unknown config {name!r} (tiny, small, demo)")
 
 
