@@ -13,7 +13,7 @@ import os
 import sys
 import tempfile
 
-from bdpo_demo import pipeline
+from bdpo_demo import model, pipeline
 from bdpo_jax import schema
 
 PROG = "python -m bdpo_demo"
@@ -63,6 +63,17 @@ def apply_override(config, item: str) -> None:
         ) from None
 
 
+def check_unet(config) -> None:
+    """config.demo's UNet fields (channels, pixel_fold, plain_levels) build a UNet; a mistake
+    is a UserError naming them."""
+    try:
+        model.unet_config_for(config.demo)
+    except ValueError as error:
+        raise schema.UserError(
+            f"--config.demo.channels / pixel_fold / plain_levels: {error}"
+        ) from None
+
+
 def check_out(out: str) -> None:
     """--out must be a folder this process can create and write into."""
     try:
@@ -94,6 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
             config.demo.train_seeds = args.seeds
         for item in overrides:
             apply_override(config, item)
+        check_unet(config)
         check_out(args.out)
         logging.basicConfig(level=logging.WARNING)
         return pipeline.run(config, args.out)

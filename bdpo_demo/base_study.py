@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 from bdpo_demo import measures, model, pipeline, report, world
-from bdpo_demo.__main__ import apply_override, check_out
+from bdpo_demo.__main__ import apply_override, check_out, check_unet
 from bdpo_jax import checkpointing, grids, schema
 
 PROG = "python -m bdpo_demo.base_study"
@@ -230,6 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
         config = (demo_ci if args.ci else demo).get_config()
         for item in overrides:
             apply_override(config, item)
+        check_unet(config)
         if args.base and not os.path.isfile(os.path.join(args.base, checkpointing.CONFIG_FILE)):
             raise schema.UserError(f"--base {args.base}: not a trained workdir (no config.json)")
         check_out(args.out)

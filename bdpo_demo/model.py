@@ -109,14 +109,20 @@ def demo_unet_config(
     )
 
 
-def write_unet_config(
-    path: str, channels: Sequence[int] = (32, 64, 64), fold: int = FACTOR, plain_levels: int = 1
-) -> str:
-    """Writes the demo UNet's config.json to `path` (for config.model.unet_config)."""
-    config = demo_unet_config(channels, fold=fold, plain_levels=plain_levels)
+def unet_config_for(demo: Any, **overrides: Any) -> dict[str, Any]:
+    """`demo_unet_config` of a `config.demo` section (its channels, pixel_fold and
+    plain_levels)."""
+    return demo_unet_config(
+        tuple(demo.channels), fold=int(demo.pixel_fold), plain_levels=int(demo.plain_levels),
+        **overrides,
+    )  # fmt: skip
+
+
+def write_unet_config(path: str, unet_config: dict[str, Any]) -> str:
+    """Writes a demo UNet's config.json to `path` (for config.model.unet_config)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
-        json.dump(config, f, indent=1)
+        json.dump(unet_config, f, indent=1)
     return path
 
 

@@ -155,11 +155,8 @@ def _timed(timings: dict, name: str, fn: Callable[[], Any]) -> Any:
 
 def write_unet_config(config, out: str) -> str:
     """OUT/unet_config.json of config.demo's UNet (channels, pixel fold, plain levels)."""
-    d = config.demo
-    return model.write_unet_config(
-        os.path.join(out, "unet_config.json"), tuple(d.channels), int(d.pixel_fold),
-        int(d.plain_levels),
-    )  # fmt: skip
+    path = os.path.join(out, "unet_config.json")
+    return model.write_unet_config(path, model.unet_config_for(config.demo))
 
 
 def stage_world(config, out: str) -> dict:

@@ -50,10 +50,7 @@ def _unet_config(name: str) -> dict:
 
     overrides, channels, side, text_shape, _ = CONFIGS[name]
     if overrides == "demo":
-        return demo_model.demo_unet_config(
-            DEMO.channels, fold=DEMO.pixel_fold, plain_levels=DEMO.plain_levels,
-            cross_attention_dim=text_shape[1],
-        )  # fmt: skip
+        return demo_model.unet_config_for(DEMO, cross_attention_dim=text_shape[1])
     cfg = presets.tiny_unet_config("sd15", sample_size=side, cross_attention_dim=text_shape[1])
     cfg.update(overrides)
     return cfg

@@ -54,12 +54,11 @@ def bench_config(name: str) -> tuple[dict, int, int]:
         cfg.update(common.SMALL_UNET)
         return cfg, 77, 4
     if name == "demo":
-        from bdpo_demo.model import demo_unet_config
+        from bdpo_demo.model import unet_config_for
         from configs import demo
 
         d = demo.get_config().demo
-        cfg = demo_unet_config(d.channels, fold=d.pixel_fold, plain_levels=d.plain_levels)
-        return cfg, 16, int(d.base_batch)
+        return unet_config_for(d), 16, int(d.base_batch)
     raise SystemExit(f"--configs: unknown config {name!r} (tiny, small, demo)")
 
 

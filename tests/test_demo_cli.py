@@ -41,6 +41,7 @@ def test_user_errors_are_one_line_and_exit_2(demo_main, tmp_path, capsys):
         "--config.nope.seed": ["--config.nope.seed=1"],
         "--config.demo.dpo_steps=many": ["--config.demo.dpo_steps=many"],
         "--config.sample.use_karras_sigmas=maybe": ["--config.sample.use_karras_sigmas=maybe"],
+        "channels=(12, 16): each must be a multiple of 8": ["--config.demo.channels=(12,16)"],
         f"--out {a_file / 'out'}": ["--out", str(a_file / "out")],
     }
     for culprit, args in cases.items():
@@ -107,6 +108,8 @@ def test_base_study_reports_base_and_render_means_at_ci_size(demo_main, tmp_path
     for args, culprit in [
         (["--samples", "0"], "--samples 0: need at least one image"),
         (["--base", str(tmp_path / "none")], f"--base {tmp_path / 'none'}: not a trained"),
+        (["--config.demo.pixel_fold=3"], "pixel_fold / plain_levels: fold=3: the demo folds"),
+        (["--config.demo.plain_levels=3"], "plain_levels: plain_levels=3: need 0 <="),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             base_study.main(["--out", out, *args])
