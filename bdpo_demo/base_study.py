@@ -8,11 +8,12 @@ Renders and preprocesses the SFT data (stage 1), trains the base (stage 2, the s
 `pipeline.stage_base` as `make demo`; `--base WORKDIR` skips both and studies that trained
 base), samples `--samples` images per held-out evaluation prompt with the demo's sampler and
 prints and writes (OUT/base_study.json) the base's mean score per measure beside the flawed
-renders' (the issue 11 criterion: within 15%), and draws 16 of its samples with their scores
-(OUT/base_samples.png). It also asks the base for its one-call x0
-estimate of clean renders noised to a few timesteps (`x0_errors`): a base that cannot draw an
-edge even from a nearly clean input shows it there. The README's table of base recipes was
-measured with it; each row is one set of `--config.` overrides.
+renders' (the issue 11 criterion: within 15%) with their standard errors over prompts, and
+draws 16 of its samples with their scores (OUT/base_samples.png). It also asks the base for
+its one-call x0 estimate of clean renders noised to a few timesteps (`x0_errors`): a base that
+cannot draw an edge even from a nearly clean input shows it there. The README's table of base
+recipes was measured with it; each row is one set of `--config.` overrides. `python -m
+bdpo_demo.base_curve` draws several such studies against their SFT steps.
 """
 
 from __future__ import annotations
@@ -53,6 +54,26 @@ def sample_scores(config, generator, samples: int) -> tuple[list[str], np.ndarra
         for name, fn in measures.MEASURES.items()
     }
     return prompts, images, scores
+
+
+def prompt_standard_errors(prompts, scores) -> dict[str, float]:
+    """Per measure, the standard error of the mean score over prompts: the sample standard
+    deviation of the per-prompt means / sqrt(prompts). A prompt's images share it, so the
+    prompt, not the image, is the independent unit."""
+    names = sorted(set(prompts))
+    index = np.array([names.index(p) for p in prompts])
+    out = {}
+    for m, values in scores.items():
+        per_prompt = np.array([np.mean(np.asarray(values)[index == i]) for i in range(len(names))])
+        sd = float(np.std(per_prompt, ddof=1)) if len(names) > 1 else float("nan")
+        out[m] = sd / np.sqrt(len(names))
+    return out
+
+
+def sft_steps(base: str) -> int:
+    """The SFT optimiser steps of a trained base (its config.json's train.steps)."""
+    with open(os.path.join(base, checkpointing.CONFIG_FILE)) as f:
+        return int(json.load(f)["train"]["steps"])
 
 
 def border_distance(image_HxWx3: np.ndarray, spec: world.Spec) -> float:
@@ -199,10 +220,12 @@ def study(config, out: str, samples: int, base: str = "") -> dict:
     write_sample_grid(os.path.join(out, SAMPLE_GRID_FILE), sample_prompts, images, scores, samples)
     result = {
         "base": base,
+        "sft_steps": sft_steps(base),
         "samples_per_prompt": samples,
         "held_out_prompts": len(prompts),
         "stages_1_2_seconds": round(train_s, 1),
         "base_vs_renders": report.base_vs_renders(means),
+        "base_standard_errors": prompt_standard_errors(sample_prompts, scores),
         "by_background": by_background(sample_prompts, images, scores),
         "x0_errors": x0_errors(generator),
     }

@@ -69,6 +69,9 @@ def test_base_study_reports_base_and_render_means_at_ci_size(demo_main, tmp_path
     result = base_study.main(["--out", out, "--ci", "--samples", "1",
                               "--config.demo.eval_prompts=3"])  # fmt: skip
     assert result["held_out_prompts"] == 3 and result["samples_per_prompt"] == 1
+    assert result["sft_steps"] == 4  # configs/demo_ci.py's base_steps, read from the base
+    errors_ = result["base_standard_errors"]
+    assert set(errors_) == set(report.SCORER_NAMES) and all(e >= 0 for e in errors_.values())
     rows = result["base_vs_renders"]
     assert set(rows) == set(report.SCORER_NAMES)
     for row in rows.values():
