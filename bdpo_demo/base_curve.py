@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from bdpo_demo import report
+from bdpo_demo.__main__ import check_out
 from bdpo_jax import schema
 
 PROG = "python -m bdpo_demo.base_curve"
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args = p.parse_args(argv)
         rows = curve_rows([read_study(s) for s in args.studies])
         slopes = per_doubling(rows)
-        os.makedirs(args.out, exist_ok=True)
+        check_out(args.out)
         result = {"bases": rows, "per_doubling": slopes}
         tmp = os.path.join(args.out, CURVE_JSON + ".tmp")
         with open(tmp, "w") as f:

@@ -104,6 +104,7 @@ def test_curve_cli_refuses_studies_it_cannot_compare(tmp_path, capsys):
         ([good, twin], "twin/base_study.json: 1000 SFT steps, as"),
         ([str(tmp_path / "none")], "none: not found"),
         ([str(tmp_path / "bad.json")], "bad.json: not a readable base study"),
+        ([good, "--out", str(tmp_path / "bad.json")], "bad.json: cannot write there"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             base_curve.main(["--out", str(tmp_path / "curve"), *studies])
