@@ -60,13 +60,12 @@ def prompt_standard_errors(prompts, scores) -> dict[str, float]:
     """Per measure, the standard error of the mean score over prompts: the sample standard
     deviation of the per-prompt means / sqrt(prompts). A prompt's images share it, so the
     prompt, not the image, is the independent unit."""
-    names = sorted(set(prompts))
-    index = np.array([names.index(p) for p in prompts])
+    _, index, counts = np.unique(np.asarray(prompts), return_inverse=True, return_counts=True)
     out = {}
     for m, values in scores.items():
-        per_prompt = np.array([np.mean(np.asarray(values)[index == i]) for i in range(len(names))])
-        sd = float(np.std(per_prompt, ddof=1)) if len(names) > 1 else float("nan")
-        out[m] = sd / np.sqrt(len(names))
+        per_prompt = np.bincount(index, weights=np.asarray(values, np.float64)) / counts
+        sd = float(np.std(per_prompt, ddof=1)) if len(counts) > 1 else float("nan")
+        out[m] = sd / np.sqrt(len(counts))
     return out
 
 

@@ -35,12 +35,13 @@ from bench import common  # noqa: E402
 from configs import demo  # noqa: E402
 
 DEMO = demo.get_config().demo  # the demo's UNet: channels, pixel fold, plain levels
+_DEMO_UNET = demo_model.unet_config_for(DEMO)  # its latent channels and side
 
 # name -> (unet overrides or "demo", latent channels, latent side, text shape, pairs per step)
 CONFIGS = {
     "tiny": ({}, 4, 8, (8, 32), 8),
     "small": (common.SMALL_UNET, 4, 16, (16, 64), 4),
-    "demo": ("demo", 3 * DEMO.pixel_fold**2, 32 // DEMO.pixel_fold, (16, 384), 8),
+    "demo": ("demo", _DEMO_UNET["in_channels"], _DEMO_UNET["sample_size"], (16, 384), 8),
 }
 BETA = 500.0
 
