@@ -179,6 +179,8 @@ def stage_base(config, out: str, unet_config: str) -> str:
             "train.global_batch_size": int(d.base_batch),
             "diffusion.snr_gamma": float(d.base_snr_gamma),
             "diffusion.snr_weighting": str(d.base_snr_weighting),
+            "diffusion.loss_type": str(d.base_loss_type),
+            "diffusion.huber_c": float(d.base_huber_c),
             "diffusion.timestep_sampling": str(d.base_timestep_sampling),
             "diffusion.timestep_uniform_share": float(d.base_timestep_uniform_share),
         },

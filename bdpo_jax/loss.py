@@ -128,6 +128,38 @@ def dpo_loss(
     return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
 
 
+SFT_LOSS_TYPES = ("l2", "l1", "pseudo_huber")  # config.diffusion.loss_type
+
+
+def per_image_error(
+    pred_BxCxHxW: jax.Array, target_BxCxHxW: jax.Array, loss_type: str = "l2", huber_c: float = 0.1
+) -> jax.Array:
+    """float32 [B]: each image's mean per-element error of pred against target.
+
+    'l2'            (pred - target)^2: the mse every Diffusion-DPO loss uses;
+    'l1'            |pred - target|: lucidrains' denoising-diffusion-pytorch's loss_type 'l1';
+    'pseudo_huber'  c * (sqrt((pred - target)^2 + c^2) - c) (Charbonnier / pseudo-Huber, as in
+                    Song & Dhariwal 2023's consistency training and diffusers' --loss_type
+                    huber without its factor 2): ~ (pred - target)^2 / 2 below c, ~ c |pred -
+                    target| above.
+    The median of a two-valued target is one of the values where the mean is their blend: a
+    model trained with 'l1' places an uncertain edge instead of averaging its positions."""
+    if loss_type not in SFT_LOSS_TYPES:
+        raise ValueError(
+            f"config.diffusion.loss_type={loss_type!r}: expected one of {SFT_LOSS_TYPES}"
+        )
+    diff = pred_BxCxHxW.astype(jnp.float32) - target_BxCxHxW.astype(jnp.float32)
+    if loss_type == "l2":
+        err = diff**2
+    elif loss_type == "l1":
+        err = jnp.abs(diff)
+    else:
+        c = jnp.float32(huber_c)
+        # = c * (sqrt(d^2 + c^2) - c), without that difference's float32 cancellation at d << c
+        err = c * diff**2 / (jnp.sqrt(diff**2 + c**2) + c)
+    return err.mean(axis=tuple(range(1, err.ndim)))
+
+
 def sft_loss(model_mse_w_B: jax.Array, weights_B: jax.Array | None = None) -> jax.Array:
     """Plain supervised fine-tuning on the winners: mean per-image mse, each image's mse times
     its weight when `weights_B` is given (e.g. schedules.snr_loss_weights)."""

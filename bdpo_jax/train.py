@@ -46,6 +46,7 @@ from bdpo_jax import (
     train_state,
     train_step,
 )
+from bdpo_jax import loss as loss_lib
 from bdpo_jax.models.dtypes import dtype_from_name
 from bdpo_jax.schema import ConfigError
 from bdpo_jax.train_state import TrainState
@@ -85,6 +86,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"config.diffusion.snr_gamma={snr_gamma}: the truncated SNR weights clip(SNR, 1, "
             "gamma) need gamma >= 1"
         )
+    loss_type = str(config.diffusion.loss_type)
+    if loss_type not in loss_lib.SFT_LOSS_TYPES or (
+        loss_type != "l2" and config.label.mode != "sft"
+    ):
+        raise ConfigError(
+            f"config.diffusion.loss_type={loss_type!r}: expected one of "
+            f"{loss_lib.SFT_LOSS_TYPES}, and other than 'l2' only with config.label.mode='sft' "
+            f"(got {config.label.mode!r}; the DPO loss compares mse)"
+        )
+    if not float(config.diffusion.huber_c) > 0:
+        raise ConfigError(f"config.diffusion.huber_c must be > 0, got {config.diffusion.huber_c}")
     sampling = str(config.diffusion.timestep_sampling)
     if sampling not in schedules.TIMESTEP_SAMPLINGS:
         raise ConfigError(
@@ -167,6 +179,8 @@ def make_train_step(
         matched_forward=bool(config.dpo.matched_forward),
         snr_gamma=float(config.diffusion.snr_gamma),
         snr_weighting=str(config.diffusion.snr_weighting),
+        loss_type=str(config.diffusion.loss_type),
+        huber_c=float(config.diffusion.huber_c),
         timestep_probabilities_T=(
             None
             if config.diffusion.timestep_sampling == "uniform"

@@ -116,9 +116,12 @@ def _mse_fn(
     t_B: jax.Array,
     text_BxLxD: jax.Array,
     added_B: Batch | None,
+    loss_type: str = "l2",
+    huber_c: float = 0.1,
 ) -> Callable[[Params], jax.Array]:
     """params -> per-image mse [N] of the N = copies * B images x0_N (the pair's noise, timestep
-    and prompt repeated for each copy)."""
+    and prompt repeated for each copy); another per-element error with `loss_type` (SFT only,
+    `loss.per_image_error`)."""
     copies = x0_NxCxHxW.shape[0] // eps_BxCxHxW.shape[0]
 
     def per_image(x_B):
@@ -131,7 +134,7 @@ def _mse_fn(
 
     def mse(params: Params) -> jax.Array:
         pred = model.apply({"params": params}, xt_N, t_N, text_N, added_cond_kwargs=added_N)
-        return ((pred.astype(jnp.float32) - target_N) ** 2).mean(axis=(1, 2, 3))
+        return loss_lib.per_image_error(pred, target_N, loss_type, huber_c)
 
     return mse
 
@@ -256,13 +259,16 @@ def sft_loss_fn(
     snr_gamma: float = 0.0,
     snr_weighting: str = "min_snr",
     timestep_probabilities_T: np.ndarray | None = None,
+    loss_type: str = "l2",
+    huber_c: float = 0.1,
 ) -> tuple[jax.Array, Metrics]:
     """Plain SFT on the winners (label = the winner's index), as Diffusion-DPO's --sft loads only
     winners: one UNet call on the B winners with their pair's noise and timestep. The
     reference is not used. snr_gamma > 0: each image's mse weighted by
     `schedules.snr_loss_weights` (`snr_weighting`: Min-SNR-gamma or truncated SNR); 0: the plain
     mean (the authors'). timestep_probabilities_T: the timesteps' distribution
-    (`schedules.timestep_probabilities`; None: uniform, the authors')."""
+    (`schedules.timestep_probabilities`; None: uniform, the authors'). loss_type, huber_c: the
+    per-element error (`loss.per_image_error`; 'l2', the authors', is the mse)."""
     del ref_params
     x0_1, x0_2, eps_B, t_B, text_B, added_B = _noised_pairs(
         mb,
@@ -274,7 +280,9 @@ def sft_loss_fn(
         timestep_probabilities_T=timestep_probabilities_T,
     )
     x0_w = jnp.where((label == 0)[:, None, None, None], x0_1, x0_2)
-    mse_w_B = _mse_fn(model, schedule, prediction_type, x0_w, eps_B, t_B, text_B, added_B)(params)
+    mse_w_B = _mse_fn(
+        model, schedule, prediction_type, x0_w, eps_B, t_B, text_B, added_B, loss_type, huber_c
+    )(params)
     weights_B = (
         schedules.snr_loss_weights(schedule, t_B, snr_gamma, prediction_type, snr_weighting)
         if snr_gamma > 0
@@ -295,10 +303,12 @@ def make_loss_fn(
     snr_gamma: float = 0.0,
     snr_weighting: str = "min_snr",
     timestep_probabilities_T: np.ndarray | None = None,
+    loss_type: str = "l2",
+    huber_c: float = 0.1,
 ) -> LossFn:
     """`dpo_loss_fn` or `sft_loss_fn` (kind 'dpo' | 'sft') with the model and knobs bound
     (matched_forward: DPO only, see `dpo_mse`; snr_gamma, snr_weighting,
-    timestep_probabilities_T: SFT only, see `sft_loss_fn`)."""
+    timestep_probabilities_T, loss_type, huber_c: SFT only, see `sft_loss_fn`)."""
     fns = {"dpo": dpo_loss_fn, "sft": sft_loss_fn}
     if kind not in fns:
         raise ValueError(f"loss kind {kind!r}: expected one of {sorted(fns)}")
@@ -306,6 +316,8 @@ def make_loss_fn(
         raise ValueError(f"snr_gamma={snr_gamma}: the DPO loss is unweighted (SFT only)")
     if kind == "dpo" and timestep_probabilities_T is not None:
         raise ValueError("timestep_probabilities_T: DPO trains on uniform timesteps (SFT only)")
+    if kind == "dpo" and loss_type != "l2":
+        raise ValueError(f"loss_type={loss_type!r}: the DPO loss compares mse (SFT only)")
     extra = (
         {"matched_forward": bool(matched_forward)}
         if kind == "dpo"
@@ -313,6 +325,8 @@ def make_loss_fn(
             "snr_gamma": float(snr_gamma),
             "snr_weighting": str(snr_weighting),
             "timestep_probabilities_T": timestep_probabilities_T,
+            "loss_type": str(loss_type),
+            "huber_c": float(huber_c),
         }
     )
     return functools.partial(

@@ -46,6 +46,10 @@ def get_config() -> ml_collections.ConfigDict:
     # --snr_gamma); 'truncated_snr': clip(SNR, 1, gamma) (bdpo_jax.schedules.snr_loss_weights)
     config.diffusion.snr_gamma = 0.0
     config.diffusion.snr_weighting = "min_snr"  # 'min_snr' | 'truncated_snr'
+    # label mode 'sft' only: the per-element error (bdpo_jax.loss.per_image_error): 'l2' (the
+    # mse, the authors'), 'l1', 'pseudo_huber' (c * (sqrt(d^2 + c^2) - c), c = huber_c)
+    config.diffusion.loss_type = "l2"  # 'l2' | 'l1' | 'pseudo_huber'
+    config.diffusion.huber_c = 0.1  # 'pseudo_huber' only: c, where squared turns absolute
     # label mode 'sft' only: the timesteps' distribution (bdpo_jax.schedules.timestep_probabilities).
     # 'uniform' (DDPM, the authors'); 'lognormal_sigma': EDM's ln sigma ~ N(mean, std^2) on the
     # schedule's timesteps, mixed with `timestep_uniform_share` of uniform timesteps

@@ -72,6 +72,8 @@ def get_config() -> ml_collections.ConfigDict:
     # better than its estimate at t = 124 (README: what the base draws)
     d.base_snr_gamma = 5.0
     d.base_snr_weighting = "truncated_snr"  # 'min_snr' | 'truncated_snr'
+    d.base_loss_type = "l2"  # SFT per-element error (config.diffusion.loss_type): l2 | l1 | ...
+    d.base_huber_c = 0.1  # 'pseudo_huber' only: its c (config.diffusion.huber_c)
     # SFT timesteps (config.diffusion.timestep_sampling, timestep_uniform_share): half drawn
     # from EDM's noise levels (ln sigma ~ N(-1.2, 1.2^2): most at sigma < 1, where edges and
     # shapes are decided), half uniform (the noisy timesteps the sampler starts from). Uniform

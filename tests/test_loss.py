@@ -212,3 +212,34 @@ def test_sft_loss_is_the_mean_mse_of_winners():
     assert float(loss_lib.sft_loss(jnp.array([0.1, 0.2, 0.6]))) == pytest.approx(0.3)
     g = jax.grad(loss_lib.sft_loss)(jnp.array([0.1, 0.2, 0.6, 0.3]))
     np.testing.assert_allclose(np.asarray(g), 0.25)
+
+
+def test_per_image_error_worked_example():
+    # one image of 4 elements, errors (0, 0.1, -0.3, 2): l2 mean 4.1 / 4, l1 mean 2.4 / 4
+    pred = jnp.array([[0.0, 0.1, -0.3, 2.0]]).reshape(1, 1, 2, 2)
+    target = jnp.zeros_like(pred)
+    l2 = loss_lib.per_image_error(pred, target)
+    l1 = loss_lib.per_image_error(pred, target, "l1")
+    np.testing.assert_allclose(np.asarray(l2), [(0.01 + 0.09 + 4.0) / 4], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(l1), [2.4 / 4], rtol=1e-6)
+    # pseudo-Huber, c = 1: sqrt(d^2 + 1) - 1 per element
+    want = np.mean(np.sqrt(np.array([0.0, 0.01, 0.09, 4.0]) + 1.0) - 1.0)
+    got = loss_lib.per_image_error(pred, target, "pseudo_huber", 1.0)
+    np.testing.assert_allclose(np.asarray(got), [want], rtol=1e-6)
+
+
+def test_pseudo_huber_is_half_l2_for_small_errors_and_c_l1_for_large_ones():
+    rng = np.random.default_rng(0)
+    pred = jnp.asarray(rng.standard_normal((3, 2, 4, 4)), jnp.float32)
+    target = jnp.zeros_like(pred)
+    small = loss_lib.per_image_error(1e-3 * pred, target, "pseudo_huber", 10.0)
+    half_l2 = 0.5 * loss_lib.per_image_error(1e-3 * pred, target)
+    np.testing.assert_allclose(np.asarray(small), np.asarray(half_l2), rtol=1e-3)
+    large = loss_lib.per_image_error(pred, target, "pseudo_huber", 1e-4)
+    c_l1 = 1e-4 * loss_lib.per_image_error(pred, target, "l1")
+    np.testing.assert_allclose(np.asarray(large), np.asarray(c_l1), rtol=1e-3)
+
+
+def test_per_image_error_rejects_an_unknown_type():
+    with pytest.raises(ValueError, match="loss_type='huber'"):
+        loss_lib.per_image_error(jnp.zeros((1, 1, 1, 1)), jnp.zeros((1, 1, 1, 1)), "huber")

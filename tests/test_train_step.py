@@ -82,9 +82,10 @@ def _probe_setup(pooled: bool = False, **overrides) -> _Setup:
     return _Setup(model, config, info, state, batch, consts, step_fn, jax.jit(step_fn), tx)
 
 
-def _manual_loss(setup: _Setup, label=None, timestep_probabilities_T=None):
+def _manual_loss(setup: _Setup, label=None, timestep_probabilities_T=None, error=np.square):
     """The authors' recipe written out in numpy from the documented key derivation
-    (timesteps drawn with `timestep_probabilities_T` by jax.random.categorical when given)."""
+    (timesteps drawn with `timestep_probabilities_T` by jax.random.categorical when given;
+    `error`: the per-element error of pred - target, squared as the authors')."""
     model, state, batch, consts = setup.model, setup.state, setup.batch, setup.consts
     prediction_type = setup.config.model.prediction_type
     p_drop = setup.config.dpo.proportion_empty_prompts
@@ -138,7 +139,7 @@ def _manual_loss(setup: _Setup, label=None, timestep_probabilities_T=None):
             jnp.asarray(text, jnp.float32),
             added_cond_kwargs=added,
         )
-        return ((np.asarray(pred, np.float64) - target) ** 2).mean(axis=(1, 2, 3))
+        return error(np.asarray(pred, np.float64) - target).mean(axis=(1, 2, 3))
 
     m1, m2 = err(state.params, x1), err(state.params, x2)
     r1, r2 = err(state.ref_params, x1), err(state.ref_params, x2)
@@ -248,6 +249,47 @@ def test_sft_lognormal_timesteps_draw_from_edm_noise_levels():
     assert float(metrics["loss"]) == pytest.approx(want["sft_loss"], rel=2e-6)
     uniform = _manual_loss(s)  # the same keys drawn uniformly give another loss
     assert abs(uniform["sft_loss"] - want["sft_loss"]) > 1e-3 * want["sft_loss"]
+
+
+@pytest.mark.parametrize(
+    "loss_type,error",
+    [
+        ("l1", np.abs),
+        # pseudo-Huber with c = 0.05, written out: c * (sqrt(d^2 + c^2) - c)
+        ("pseudo_huber", lambda d: 0.05 * (np.sqrt(d**2 + 0.05**2) - 0.05)),
+    ],
+)
+def test_sft_loss_type_sets_the_per_element_error(loss_type, error):
+    s = _probe_setup(label__mode="sft", diffusion__loss_type=loss_type, diffusion__huber_c=0.05)
+    _, metrics = s.step(s.state, s.batch, s.consts)
+    want = _manual_loss(s, error=error)
+    assert float(metrics["loss"]) == pytest.approx(want["sft_loss"], rel=2e-6)
+    assert want["sft_loss"] != pytest.approx(_manual_loss(s)["sft_loss"], rel=1e-2)
+
+
+def test_loss_type_config_errors():
+    config = tiny.get_config()
+    config.diffusion.loss_type = "l1"
+    with pytest.raises(schema.ConfigError, match="only with config.label.mode='sft'"):
+        train.validate_config(config)
+    config.label.mode = "sft"
+    train.validate_config(config)
+    config.diffusion.loss_type = "huber"
+    with pytest.raises(schema.ConfigError, match="loss_type='huber': expected one of"):
+        train.validate_config(config)
+    config.diffusion.loss_type, config.diffusion.huber_c = "pseudo_huber", 0.0
+    with pytest.raises(schema.ConfigError, match="huber_c must be > 0"):
+        train.validate_config(config)
+    with pytest.raises(ValueError, match="the DPO loss compares mse"):
+        ts.make_loss_fn(
+            "dpo",
+            None,
+            schedules.make_schedule(),
+            prediction_type="epsilon",
+            vae_scaling_factor=1.0,
+            proportion_empty_prompts=0.0,
+            loss_type="l1",
+        )
 
 
 def test_timestep_sampling_config_errors():
