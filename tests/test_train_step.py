@@ -267,19 +267,31 @@ def test_sft_loss_type_sets_the_per_element_error(loss_type, error):
     assert want["sft_loss"] != pytest.approx(_manual_loss(s)["sft_loss"], rel=1e-2)
 
 
-def test_loss_type_config_errors():
+def _check_sft_only_field(field, value, refusals):
+    """config.diffusion.<field> = value is refused outside label mode 'sft' and accepted in it;
+    then each (diffusion overrides, message) of `refusals`, applied in turn, is refused."""
     config = tiny.get_config()
-    config.diffusion.loss_type = "l1"
+    setattr(config.diffusion, field, value)
     with pytest.raises(schema.ConfigError, match="only with config.label.mode='sft'"):
         train.validate_config(config)
     config.label.mode = "sft"
     train.validate_config(config)
-    config.diffusion.loss_type = "huber"
-    with pytest.raises(schema.ConfigError, match="loss_type='huber': expected one of"):
-        train.validate_config(config)
-    config.diffusion.loss_type, config.diffusion.huber_c = "pseudo_huber", 0.0
-    with pytest.raises(schema.ConfigError, match="huber_c must be > 0"):
-        train.validate_config(config)
+    for overrides, message in refusals:
+        for name, v in overrides.items():
+            setattr(config.diffusion, name, v)
+        with pytest.raises(schema.ConfigError, match=message):
+            train.validate_config(config)
+
+
+def test_loss_type_config_errors():
+    _check_sft_only_field(
+        "loss_type",
+        "l1",
+        [
+            ({"loss_type": "huber"}, "loss_type='huber': expected one of"),
+            ({"loss_type": "pseudo_huber", "huber_c": 0.0}, "huber_c must be > 0"),
+        ],
+    )
     with pytest.raises(ValueError, match="the DPO loss compares mse"):
         ts.make_loss_fn(
             "dpo",
@@ -293,22 +305,21 @@ def test_loss_type_config_errors():
 
 
 def test_timestep_sampling_config_errors():
-    config = tiny.get_config()
-    config.diffusion.timestep_sampling = "lognormal_sigma"
-    with pytest.raises(schema.ConfigError, match="only with config.label.mode='sft'"):
-        train.validate_config(config)
-    config.label.mode = "sft"
-    train.validate_config(config)
-    config.diffusion.timestep_sampling = "logit"
-    with pytest.raises(schema.ConfigError, match="timestep_sampling='logit'"):
-        train.validate_config(config)
-    config.diffusion.timestep_sampling = "lognormal_sigma"
-    config.diffusion.timestep_log_sigma_std = 0.0
-    with pytest.raises(schema.ConfigError, match="timestep_log_sigma_std must be > 0"):
-        train.validate_config(config)
-    config.diffusion.timestep_log_sigma_std, config.diffusion.timestep_uniform_share = 1.2, -0.1
-    with pytest.raises(schema.ConfigError, match="timestep_uniform_share must lie in"):
-        train.validate_config(config)
+    _check_sft_only_field(
+        "timestep_sampling",
+        "lognormal_sigma",
+        [
+            ({"timestep_sampling": "logit"}, "timestep_sampling='logit'"),
+            (
+                {"timestep_sampling": "lognormal_sigma", "timestep_log_sigma_std": 0.0},
+                "timestep_log_sigma_std must be > 0",
+            ),
+            (
+                {"timestep_log_sigma_std": 1.2, "timestep_uniform_share": -0.1},
+                "timestep_uniform_share must lie in",
+            ),
+        ],
+    )
 
 
 def test_snr_gamma_outside_sft_is_a_config_error():
