@@ -138,12 +138,13 @@ def per_image_error(
 
     'l2'            (pred - target)^2: the mse every Diffusion-DPO loss uses;
     'l1'            |pred - target|: lucidrains' denoising-diffusion-pytorch's loss_type 'l1';
-    'pseudo_huber'  c * (sqrt((pred - target)^2 + c^2) - c) (Charbonnier / pseudo-Huber, as in
-                    Song & Dhariwal 2023's consistency training and diffusers' --loss_type
-                    huber without its factor 2): ~ (pred - target)^2 / 2 below c, ~ c |pred -
-                    target| above.
-    The median of a two-valued target is one of the values where the mean is their blend: a
-    model trained with 'l1' places an uncertain edge instead of averaging its positions."""
+    'pseudo_huber'  c * (sqrt((pred - target)^2 + c^2) - c): the pseudo-Huber loss of diffusers'
+                    research_projects/scheduled_huber_loss_training (`conditional_loss`,
+                    loss_type 'huber', Khrapov et al. 2024) at a fixed c: ~ (pred - target)^2 / 2
+                    below c, ~ c |pred - target| above.
+    Why one might want 'l1' for x0: the median of a two-valued target is one of the values where
+    the mean blends them, so an uncertain edge would be placed rather than smeared. On the demo
+    world it drew worse bases than 'l2' (README, the base recipes)."""
     if loss_type not in SFT_LOSS_TYPES:
         raise ValueError(
             f"config.diffusion.loss_type={loss_type!r}: expected one of {SFT_LOSS_TYPES}"
