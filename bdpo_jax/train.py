@@ -87,13 +87,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             "gamma) need gamma >= 1"
         )
     loss_type = str(config.diffusion.loss_type)
-    if loss_type not in loss_lib.SFT_LOSS_TYPES or (
-        loss_type != "l2" and config.label.mode != "sft"
-    ):
+    if loss_type not in loss_lib.SFT_LOSS_TYPES:
         raise ConfigError(
-            f"config.diffusion.loss_type={loss_type!r}: expected one of "
-            f"{loss_lib.SFT_LOSS_TYPES}, and other than 'l2' only with config.label.mode='sft' "
-            f"(got {config.label.mode!r}; the DPO loss compares mse)"
+            f"config.diffusion.loss_type={loss_type!r}: expected one of {loss_lib.SFT_LOSS_TYPES}"
+        )
+    if loss_type != "l2" and config.label.mode != "sft":
+        raise ConfigError(
+            f"config.diffusion.loss_type={loss_type!r}: other than 'l2' only with "
+            f"config.label.mode='sft' (got {config.label.mode!r}; the DPO loss compares mse)"
         )
     if not float(config.diffusion.huber_c) > 0:
         raise ConfigError(f"config.diffusion.huber_c must be > 0, got {config.diffusion.huber_c}")
