@@ -64,13 +64,13 @@ def apply_override(config, item: str) -> None:
 
 
 def check_unet(config) -> None:
-    """config.demo's UNet fields (channels, pixel_fold, plain_levels) build a UNet; a mistake
-    is a UserError naming them."""
+    """config.demo's UNet fields (channels, pixel_fold, plain_levels, image_size) build a UNet;
+    a mistake is a UserError naming them."""
     try:
         model.unet_config_for(config.demo)
     except ValueError as error:
         raise schema.UserError(
-            f"--config.demo.channels / pixel_fold / plain_levels: {error}"
+            f"--config.demo.channels / pixel_fold / plain_levels / image_size: {error}"
         ) from None
 
 

@@ -148,8 +148,9 @@ def x0_errors(generator, timesteps=PROBE_TIMESTEPS, seed: int = 0) -> dict[str, 
         sched.num_train_timesteps, sched.beta_schedule, sched.beta_start, sched.beta_end
     )
     specs = world.split_specs()[0]
-    renders = np.stack([world.render(s) for s in specs])  # [N, 32, 32, 3] in [0, 1]
     fold = model.fold_of(int(generator.unet_cfg["in_channels"]))
+    size = int(generator.unet_cfg["sample_size"]) * fold  # the world's side the base drew
+    renders = np.stack([world.render(s, size=size) for s in specs])  # [N, size, size, 3]
     x0 = model.images_to_latents(renders.transpose(0, 3, 1, 2) * 2.0 - 1.0, fold)
     x0 = x0 * generator.scaling
     text = generator.text_encoder.encode([s.prompt for s in specs])["text_embeds"]
@@ -211,8 +212,9 @@ def study(config, out: str, samples: int, base: str = "") -> dict:
     train_s = time.perf_counter() - t0
     prompts = pipeline.eval_prompts(config)
     means = report.render_means(
-        prompts, float(config.demo.flaw_rate), samples, int(config.demo.seed)
-    )
+        prompts, float(config.demo.flaw_rate), samples, int(config.demo.seed),
+        int(config.demo.image_size),
+    )  # fmt: skip
     generator = pipeline.make_generator(base, config, TEXT_ENCODERS.build("minilm"))
     sample_prompts, images, scores = sample_scores(config, generator, samples)
     means["base_samples"] = {name: float(np.mean(v)) for name, v in scores.items()}

@@ -8,9 +8,10 @@ registered in bdpo_demo.plugins). The first level is a plain DownBlock2D/UpBlock
 runs at the lower levels. The dict is a complete diffusers config.json:
 `diffusers.UNet2DConditionModel.from_config` builds the same network.
 
-`config.demo.pixel_fold = 1` keeps plain RGB at 32x32 (the generic identity encoder) and
-`config.demo.plain_levels` sets how many levels, from the first, have no attention: the
-full-resolution variants the README's base study compares.
+`config.demo.pixel_fold = 1` keeps plain RGB at 32x32 (the generic identity encoder),
+`config.demo.plain_levels` sets how many levels, from the first, have no attention, and
+`config.demo.image_size` draws the world at another side: the variants the README's base
+study compares.
 """
 
 from __future__ import annotations
@@ -71,10 +72,11 @@ def demo_unet_config(
     plain_levels: int = 1,
     cross_attention_dim: int = 384,
     heads: int = 4,
+    image_size: int = world.IMAGE_SIZE,
 ) -> dict[str, Any]:
-    """diffusers config dict of the demo UNet: RGB folded `fold` x `fold` into channels in and
-    out (`fold` 1: plain RGB at 32x32), MiniLM-width conditioning, the first `plain_levels`
-    levels (from the full-resolution one) without attention."""
+    """diffusers config dict of the demo UNet for `image_size` px images: RGB folded `fold` x
+    `fold` into channels in and out (`fold` 1: plain RGB), MiniLM-width conditioning, the first
+    `plain_levels` levels (from the full-resolution one) without attention."""
     levels = len(channels)
     if levels < 2:
         raise ValueError(f"channels={tuple(channels)}: the demo UNet needs at least 2 levels")
@@ -89,10 +91,16 @@ def demo_unet_config(
             "(GroupNorm's groups)"
         )
     latent_encoder_name(fold)  # checks fold
+    halvings = 2 ** (levels - 1)  # each level below the first halves the side
+    if image_size < 1 or image_size % (fold * halvings):
+        raise ValueError(
+            f"image_size={image_size}: the UNet's {levels} levels on pixels folded {fold}x{fold} "
+            f"need a side that is a multiple of {fold * halvings}"
+        )
     in_channels = 3 * fold**2
     return presets.complete_config(
         {
-            "sample_size": world.IMAGE_SIZE // fold,
+            "sample_size": image_size // fold,
             "in_channels": in_channels,
             "out_channels": in_channels,
             "block_out_channels": [int(c) for c in channels],
@@ -110,11 +118,11 @@ def demo_unet_config(
 
 
 def unet_config_for(demo: Any, **overrides: Any) -> dict[str, Any]:
-    """`demo_unet_config` of a `config.demo` section (its channels, pixel_fold and
-    plain_levels)."""
+    """`demo_unet_config` of a `config.demo` section (its channels, pixel_fold, plain_levels
+    and image_size)."""
     return demo_unet_config(
         tuple(demo.channels), fold=int(demo.pixel_fold), plain_levels=int(demo.plain_levels),
-        **overrides,
+        image_size=int(demo.image_size), **overrides,
     )  # fmt: skip
 
 

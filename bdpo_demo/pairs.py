@@ -65,15 +65,16 @@ def write_sft_file(
     rates: world.FlawRates,
     seed: int,
     specs: Sequence[world.Spec] | None = None,
+    size: int = world.IMAGE_SIZE,
 ) -> str:
-    """Flawed renders of `specs` (default: every world prompt), `per_prompt` each, shuffled;
-    returns the JSONL."""
+    """Flawed renders of `specs` (default: every world prompt) at `size` px, `per_prompt` each,
+    shuffled; returns the JSONL."""
     rng = np.random.default_rng(seed)
     prompts, images = [], []
     specs = world.all_specs() if specs is None else list(specs)
     for spec in tqdm(specs * per_prompt, desc="render", unit="img", disable=None):
         prompts.append(spec.prompt)
-        images.append(to_pil(world.render_flawed(spec, rates, rng)))
+        images.append(to_pil(world.render_flawed(spec, rates, rng, size)))
     order = rng.permutation(len(prompts))
     return write_pair_file(
         out_dir, [prompts[i] for i in order], [images[i] for i in order], None, "sft.jsonl"

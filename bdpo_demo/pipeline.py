@@ -56,9 +56,9 @@ def parse_run(entry: str) -> tuple[str, dict[str, Any]]:
     return name, {"mode": mode, "scorer": scorer, "ref": ref, "lora": lora}
 
 
-def preprocess(jsonl: str, out: str, fold: int, batch_size: int = 64) -> dict:
-    """The real preprocessing CLI on a generic pair file (latents: pixels folded `fold` x
-    `fold`); returns its manifest."""
+def preprocess(jsonl: str, out: str, fold: int, image_size: int, batch_size: int = 64) -> dict:
+    """The real preprocessing CLI on a generic pair file of `image_size` px images (latents:
+    pixels folded `fold` x `fold`); returns its manifest."""
     from scorers_torch import preprocess as cli
 
     return cli.main(
@@ -67,7 +67,7 @@ def preprocess(jsonl: str, out: str, fold: int, batch_size: int = 64) -> dict:
             "--base-model", "demo-world", "--text-encoder", "minilm",
             "--latent-encoder", model.latent_encoder_name(fold),
             "--scorers", ",".join(SCORER_NAMES),
-            "--plugins", PLUGINS, "--resolution", str(world.IMAGE_SIZE),
+            "--plugins", PLUGINS, "--resolution", str(image_size),
             "--tie-policy", "keep", "--batch-size", str(batch_size), "--device", "cpu",
         ]
     )  # fmt: skip
@@ -154,7 +154,8 @@ def _timed(timings: dict, name: str, fn: Callable[[], Any]) -> Any:
 
 
 def write_unet_config(config, out: str) -> str:
-    """OUT/unet_config.json of config.demo's UNet (channels, pixel fold, plain levels)."""
+    """OUT/unet_config.json of config.demo's UNet (image size, channels, pixel fold, plain
+    levels)."""
     path = os.path.join(out, "unet_config.json")
     return model.write_unet_config(path, model.unet_config_for(config.demo))
 
@@ -163,9 +164,13 @@ def stage_world(config, out: str) -> dict:
     d = config.demo
     rate = float(d.flaw_rate)
     rates = world.FlawRates(colour=rate, shape=rate, position=rate, blur=rate)
-    jsonl = pairs.write_sft_file(os.path.join(out, "data", "sft"), int(d.sft_per_prompt), rates,
-                                 int(d.seed), world.split_specs()[0])  # fmt: skip
-    return preprocess(jsonl, os.path.join(out, "shards", "sft"), int(d.pixel_fold))
+    jsonl = pairs.write_sft_file(
+        os.path.join(out, "data", "sft"), int(d.sft_per_prompt), rates, int(d.seed),
+        world.split_specs()[0], int(d.image_size),
+    )  # fmt: skip
+    return preprocess(
+        jsonl, os.path.join(out, "shards", "sft"), int(d.pixel_fold), int(d.image_size)
+    )
 
 
 def stage_base(config, out: str, unet_config: str) -> str:
@@ -204,7 +209,9 @@ def stage_pairs(config, out: str, base: str, text_encoder, seed: int) -> dict:
     jsonl = pairs.write_pair_file(
         os.path.join(out, "data", "pairs"), prompts, images[:n], images[n:], "pairs.jsonl"
     )
-    return preprocess(jsonl, os.path.join(out, "shards", "pairs"), int(d.pixel_fold))
+    return preprocess(
+        jsonl, os.path.join(out, "shards", "pairs"), int(d.pixel_fold), int(d.image_size)
+    )
 
 
 def stage_dpo(
@@ -264,7 +271,7 @@ def stage_eval(config, eval_dir: str, workdirs: dict[str, str], text_encoder, sh
         models, prompts, scorers, eval_dir, seeds=int(d.eval_seeds), base_seed=seeds[0],
         reference="base", grid_prompts=int(d.grid_prompts), bootstrap=int(d.bootstrap),
         grid_models=[m for m in grid_models(config) if m in models],
-        grid_cell_size=int(d.grid_scale) * world.IMAGE_SIZE, grid_labels=GRID_LABELS,
+        grid_cell_size=int(d.grid_scale) * int(d.image_size), grid_labels=GRID_LABELS,
     )  # fmt: skip
 
 

@@ -46,9 +46,12 @@ def cell_dict(result: winrate.PairResult) -> dict[str, Any]:
     return dict(zip(CELL_FIELDS, values, strict=True))
 
 
-def render_means(prompts: Sequence[str], flaw_rate: float, per_prompt: int, seed: int) -> dict:
+def render_means(
+    prompts: Sequence[str], flaw_rate: float, per_prompt: int, seed: int, size: int
+) -> dict:
     """Mean score per measure of perfect renders (one per prompt) and of flawed renders
-    (`per_prompt` per prompt, drawn like the SFT data), scored by the demo scorers."""
+    (`per_prompt` per prompt, drawn like the SFT data), both at `size` px, scored by the demo
+    scorers."""
     from bdpo_demo import plugins  # noqa: F401  (registers the demo scorers)
     from scorers_torch.scorers.base import build_scorers
 
@@ -56,9 +59,9 @@ def render_means(prompts: Sequence[str], flaw_rate: float, per_prompt: int, seed
     specs = [world.parse_prompt(p) for p in prompts]
     rates = world.FlawRates(flaw_rate, flaw_rate, flaw_rate, flaw_rate)
     rng = np.random.default_rng(seed)
-    flawed = [world.render_flawed(s, rates, rng) for s in specs for _ in range(per_prompt)]
+    flawed = [world.render_flawed(s, rates, rng, size) for s in specs for _ in range(per_prompt)]
     images = {
-        "clean_renders": ([pairs.to_pil(world.render(s)) for s in specs], list(prompts)),
+        "clean_renders": ([pairs.to_pil(world.render(s, size=size)) for s in specs], list(prompts)),
         "flawed_renders": (
             [pairs.to_pil(x) for x in flawed],
             [p for p in prompts for _ in range(per_prompt)],
@@ -120,7 +123,9 @@ def build_summary(
         found = {r.metric: r.mean_all for r in results[seed].means if r.model == model}
         return {m: found[m] for m in SCORER_NAMES}
 
-    means = render_means(prompts, float(d.flaw_rate), int(d.eval_seeds), int(d.seed))
+    means = render_means(
+        prompts, float(d.flaw_rate), int(d.eval_seeds), int(d.seed), int(d.image_size)
+    )
     means["base_samples"] = sample_means(seeds[0], "base")
     means["runs"] = {}
     for run in runs:

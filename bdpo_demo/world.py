@@ -4,7 +4,8 @@ A prompt names an object colour, a shape, a background and a position:
 
     "a red circle on a white background, top left"
 
-`render` draws the prompt at 32x32 (anti-aliased by 4x supersampling). `render_flawed`
+`render` draws the prompt at 32x32 (anti-aliased by 4x supersampling; `size` draws it at
+another resolution, `config.demo.image_size`). `render_flawed`
 draws a training image that is wrong in independent ways with given probabilities (wrong
 colour, wrong shape, wrong place, blurred), the imperfect data the demo's base model learns.
 
@@ -169,8 +170,11 @@ class FlawRates:
     blur: float = 0.45
 
 
-def render_flawed(spec: Spec, rates: FlawRates, rng: np.random.Generator) -> np.ndarray:
-    """One training image for `spec`, wrong in each way independently with `rates`."""
+def render_flawed(
+    spec: Spec, rates: FlawRates, rng: np.random.Generator, size: int = IMAGE_SIZE
+) -> np.ndarray:
+    """One training image for `spec` at `size` px, wrong in each way independently with `rates`
+    (the blur's sigma is in pixels at any size)."""
     colour = shape = centre = None
     blur = 0.0
     if rng.random() < rates.colour:
@@ -183,4 +187,4 @@ def render_flawed(spec: Spec, rates: FlawRates, rng: np.random.Generator) -> np.
         centre = tuple(np.asarray(POSITIONS[spec.position]) + rng.normal(0, 0.02, size=2))
     if rng.random() < rates.blur:
         blur = float(rng.uniform(1.0, 2.0))
-    return render(spec, centre_rc=centre, colour=colour, shape=shape, blur_sigma=blur)
+    return render(spec, centre_rc=centre, colour=colour, shape=shape, blur_sigma=blur, size=size)

@@ -57,6 +57,9 @@ def get_config() -> ml_collections.ConfigDict:
     d.channels = (32, 64, 64)  # UNet block_out_channels, one per level
     d.pixel_fold = 2  # pixels folded into channels per side: 2 = 12x16x16 latents, 1 = RGB 32x32
     d.plain_levels = 1  # UNet levels without attention, from the first (16x16 here)
+    # the world's image side in px (bdpo_demo.world.IMAGE_SIZE; renders, flaws and UNet follow
+    # it; 16 with pixel_fold = 1 is the README's "Another resolution" study)
+    d.image_size = 32
     # stage 1-2: flawed renders and the base SFT run
     d.train_seeds = 1  # --seeds N: pairs + DPO runs for seeds seed .. seed + N - 1, one base
     d.sft_per_prompt = 20  # flawed renders per training prompt (72 of the 180: world.split_specs)

@@ -63,7 +63,8 @@ def test_user_errors_are_one_line_and_exit_2(demo_main, tmp_path, capsys):
 @pytest.mark.torch
 def test_base_study_reports_base_and_render_means_at_ci_size(demo_main, tmp_path, capsys):
     pytest.importorskip("torch")
-    from bdpo_demo import base_study, report
+    from bdpo_demo import base_study, pipeline, report
+    from configs import demo_ci
 
     out = str(tmp_path / "study")
     result = base_study.main(["--out", out, "--ci", "--samples", "1",
@@ -108,11 +109,29 @@ def test_base_study_reports_base_and_render_means_at_ci_size(demo_main, tmp_path
     with open(os.path.join(full["base"], "unet_config.json")) as f:
         assert json.load(f)["in_channels"] == 3
     assert full["x0_errors"]["clean_sharpness"] == errors["clean_sharpness"]  # same renders
+    # another resolution: the world drawn at 16 px, RGB latents at 16x16, the same study
+    small = base_study.main(["--out", str(tmp_path / "small"), "--ci", "--samples", "1",
+                             "--config.demo.eval_prompts=3", "--config.demo.image_size=16",
+                             "--config.demo.pixel_fold=1"])  # fmt: skip
+    with open(os.path.join(small["base"], "unet_config.json")) as f:
+        assert json.load(f)["sample_size"] == 16
+    with open(tmp_path / "small" / "shards" / "sft" / "manifest.json") as f:
+        manifest = json.load(f)  # the preprocessing CLI kept the 16 px images at 16 px
+    assert (manifest["resolution"], manifest["latent_shape"]) == (16, [3, 16, 16])
+    with Image.open(tmp_path / "small" / "data" / "sft" / "images" / "000000_0.png") as sft:
+        assert sft.size == (16, 16)
+    config = demo_ci.get_config()
+    config.demo.eval_prompts = 3
+    prompts = pipeline.eval_prompts(config)
+    want = report.render_means(prompts, config.demo.flaw_rate, 1, 0, 16)["flawed_renders"]
+    assert {m: r["flawed_renders"] for m, r in small["base_vs_renders"].items()} == want
+    assert small["x0_errors"]["clean_sharpness"] != errors["clean_sharpness"]  # 16 px renders
     for args, culprit in [
         (["--samples", "0"], "--samples 0: need at least one image"),
         (["--base", str(tmp_path / "none")], f"--base {tmp_path / 'none'}: not a trained"),
-        (["--config.demo.pixel_fold=3"], "pixel_fold / plain_levels: fold=3: the demo folds"),
-        (["--config.demo.plain_levels=3"], "plain_levels: plain_levels=3: need 0 <="),
+        (["--config.demo.pixel_fold=3"], "plain_levels / image_size: fold=3: the demo folds"),
+        (["--config.demo.plain_levels=3"], "image_size: plain_levels=3: need 0 <="),
+        (["--ci", "--config.demo.image_size=18"], "image_size: image_size=18: the UNet's 2 levels"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             base_study.main(["--out", out, *args])

@@ -40,6 +40,26 @@ def test_render_draws_the_object_with_the_documented_area_colour_and_centre():
     np.testing.assert_allclose(corner, world.BACKGROUNDS["black"], atol=1e-6)
 
 
+def test_another_size_draws_the_same_scene_and_the_config_default_is_the_world_s(monkeypatch):
+    """At 16 px with 4x supersampling a render samples the same 64 x 64 points as one at 32 px
+    with 2x supersampling: the first is the second averaged over 2 x 2 pixels, exactly."""
+    from configs import demo
+
+    assert demo.get_config().demo.image_size == world.IMAGE_SIZE
+    no_blur = world.FlawRates(blur=0.0)
+    small = {s: world.render(s, size=16) for s in SPECS[::11]}
+    flawed = [world.render_flawed(s, no_blur, np.random.default_rng(i), 16)
+              for i, s in enumerate(SPECS[::11])]  # fmt: skip
+    monkeypatch.setattr(world, "SUPERSAMPLE", 2)
+    for i, (spec, image) in enumerate(small.items()):
+        assert image.shape == (16, 16, 3)
+        pooled = world.render(spec, size=32).reshape(16, 2, 16, 2, 3).mean(axis=(1, 3))
+        np.testing.assert_allclose(image, pooled, atol=1e-6)
+        big = world.render_flawed(spec, no_blur, np.random.default_rng(i), 32)
+        np.testing.assert_allclose(flawed[i], big.reshape(16, 2, 16, 2, 3).mean(axis=(1, 3)),
+                                   atol=1e-6)  # fmt: skip
+
+
 def test_perfect_render_scores_at_the_top_of_each_documented_scale():
     for spec in SPECS[::7]:
         image = world.render(spec)
@@ -237,6 +257,12 @@ def test_full_resolution_demo_unet_has_plain_levels_and_matches_diffusers():
         model.demo_unet_config((8, 16, 16), fold=3)
     with pytest.raises(ValueError, match="multiple of 8"):
         model.demo_unet_config((4, 16, 16))  # GroupNorm's 8 groups
+    # another world size: the latent side follows it; each level must halve a whole side
+    small = model.demo_unet_config((8, 16, 16), fold=1, plain_levels=2, image_size=16)
+    assert small["sample_size"] == 16 and small["in_channels"] == 3
+    assert model.demo_unet_config((8, 16, 16), image_size=16)["sample_size"] == 8
+    with pytest.raises(ValueError, match="image_size=20: .* multiple of 8"):
+        model.demo_unet_config((8, 16, 16), fold=2, image_size=20)
 
 
 @pytest.mark.torch
