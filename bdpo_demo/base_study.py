@@ -148,9 +148,9 @@ def x0_errors(generator, timesteps=PROBE_TIMESTEPS, seed: int = 0) -> dict[str, 
         sched.num_train_timesteps, sched.beta_schedule, sched.beta_start, sched.beta_end
     )
     specs = world.split_specs()[0]
-    fold = model.fold_of(int(generator.unet_cfg["in_channels"]))
-    size = int(generator.unet_cfg["sample_size"]) * fold  # the world's side the base drew
+    size = generator.image_size  # the world's side the base draws
     renders = np.stack([world.render(s, size=size) for s in specs])  # [N, size, size, 3]
+    fold = model.fold_of(int(generator.unet_cfg["in_channels"]))
     x0 = model.images_to_latents(renders.transpose(0, 3, 1, 2) * 2.0 - 1.0, fold)
     x0 = x0 * generator.scaling
     text = generator.text_encoder.encode([s.prompt for s in specs])["text_embeds"]
@@ -211,11 +211,12 @@ def study(config, out: str, samples: int, base: str = "") -> dict:
         base = pipeline.stage_base(config, out, unet_config)
     train_s = time.perf_counter() - t0
     prompts = pipeline.eval_prompts(config)
+    generator = pipeline.make_generator(base, config, TEXT_ENCODERS.build("minilm"))
+    # renders at the side the base draws (a --base's own, whatever config.demo.image_size says)
     means = report.render_means(
         prompts, float(config.demo.flaw_rate), samples, int(config.demo.seed),
-        int(config.demo.image_size),
+        generator.image_size,
     )  # fmt: skip
-    generator = pipeline.make_generator(base, config, TEXT_ENCODERS.build("minilm"))
     sample_prompts, images, scores = sample_scores(config, generator, samples)
     means["base_samples"] = {name: float(np.mean(v)) for name, v in scores.items()}
     write_sample_grid(os.path.join(out, SAMPLE_GRID_FILE), sample_prompts, images, scores, samples)

@@ -82,6 +82,12 @@ class JaxGenerator:
         """(the Flax UNet, its params) of the workdir, as the sampler uses them."""
         return _model_for(self.unet_cfg), self._load()
 
+    @property
+    def image_size(self) -> int:
+        """The side in pixels of the images it draws: its UNet's latent side times the fold."""
+        fold = demo_model.fold_of(int(self.unet_cfg["in_channels"]))
+        return int(self.unet_cfg["sample_size"]) * fold
+
     def latents(self, prompts: list[str], seeds: list[int]) -> np.ndarray:
         """float32 [N, C, H, W] sampled latents, in padded batches of `batch_size`."""
         if len(prompts) != len(seeds):

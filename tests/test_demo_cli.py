@@ -126,6 +126,11 @@ def test_base_study_reports_base_and_render_means_at_ci_size(demo_main, tmp_path
     want = report.render_means(prompts, config.demo.flaw_rate, 1, 0, 16)["flawed_renders"]
     assert {m: r["flawed_renders"] for m, r in small["base_vs_renders"].items()} == want
     assert small["x0_errors"]["clean_sharpness"] != errors["clean_sharpness"]  # 16 px renders
+    # --base: the renders follow the base's own side, not config.demo.image_size's default
+    small_again = base_study.main(["--out", str(tmp_path / "small_again"), "--ci",
+                                   "--samples", "1", "--config.demo.eval_prompts=3",
+                                   "--base", small["base"]])  # fmt: skip
+    assert small_again["base_vs_renders"] == small["base_vs_renders"]
     for args, culprit in [
         (["--samples", "0"], "--samples 0: need at least one image"),
         (["--base", str(tmp_path / "none")], f"--base {tmp_path / 'none'}: not a trained"),
